@@ -1,0 +1,134 @@
+"""`glr <stage>`: the one entry point of the pipeline; `dvc.yaml` calls only this."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from glr.gldv2 import GLDv2FormatError
+from glr.params import DEFAULT_PARAMS, ParamsError, load_params
+
+log = logging.getLogger("glr")
+
+
+def _add_params(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS,
+                        help="params file (default: %(default)s)")
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected WIDTHxHEIGHT, e.g. 800x600, got {text!r}") from None
+    if min(width, height) < 32:
+        raise argparse.ArgumentTypeError("both sides must be at least 32 pixels")
+    return width, height
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from glr import synth
+
+    params = load_params(args.params).synth
+    if args.image_size:
+        params = dataclasses.replace(params, image_width=args.image_size[0],
+                                     image_height=args.image_size[1])
+    if args.seed is not None:
+        params = dataclasses.replace(params, seed=args.seed)
+    plan = synth.generate(params, args.out, workers=args.workers)
+    truth = plan.truth
+    log.info("wrote %s: %d images (%d train, %d index, %d test); %d clean + %d extra landmarks",
+             args.out, len(plan.images), truth["full"]["images"], truth["index"]["images"],
+             truth["val_queries"]["total"] + params.ignored_queries,
+             truth["landmarks"]["clean"], truth["landmarks"]["extra"])
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from glr import prepare
+
+    prepare.main(load_params(args.params), args.out, args.metrics)
+
+
+def cmd_bench_prepare(args: argparse.Namespace) -> None:
+    from glr.bench import prepare as bench_prepare
+
+    bench_prepare.main(scale=args.scale, out=args.out, workdir=args.workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glr",
+        description="Google Landmark Retrieval 2021 (2nd place) as a DVC pipeline. "
+                    "Each sub-command is one pipeline stage; `dvc repro` runs them in order.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    stages = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+
+    synth = stages.add_parser(
+        "synth", help="generate the embedded mini-GLDv2",
+        description="Generate a small dataset in the exact GLDv2 layout (CSV, country JSON, "
+                    "JPEGs at <split>/<a>/<b>/<c>/<id>.jpg). Reads: params `synth`. Writes: "
+                    "OUT (replaced atomically) with OUT/synth_truth.json, the counts the "
+                    "generated plan implies.")
+    _add_params(synth)
+    synth.add_argument("--out", type=Path, default=Path("data/mini-gldv2"),
+                       help="dataset root to write (default: %(default)s)")
+    synth.add_argument("--image-size", type=_image_size, metavar="WxH",
+                       help="photo size, e.g. 800x600 for GLDv2-like benchmark data "
+                            "(default: params synth.image_width x synth.image_height)")
+    synth.add_argument("--seed", type=int, help="override params synth.seed")
+    synth.add_argument("--workers", type=int, default=None,
+                       help="render processes (default: CPU count, at most 8); the bytes "
+                            "written do not depend on it")
+    synth.set_defaults(func=cmd_synth)
+
+    prep = stages.add_parser(
+        "prepare", help="build the training lists and the evaluation sets",
+        description="Build the training lists clean, c2x, full, all (global labels, "
+                    "clean/noisy flag, country, continent), the reference set and the "
+                    "validation queries and evaluation index, by method.md's rules. Reads: the "
+                    "GLDv2 metadata under params data.root; params `prepare`. Writes: "
+                    "OUT/*.parquet, OUT/summary.json and the headline counts METRICS.")
+    _add_params(prep)
+    prep.add_argument("--out", type=Path, default=Path("data/prepared"),
+                      help="output folder (default: %(default)s)")
+    prep.add_argument("--metrics", type=Path, default=Path("metrics/prepare.json"),
+                      help="counts summary for `dvc metrics` (default: %(default)s)")
+    prep.set_defaults(func=cmd_prepare)
+
+    bench = stages.add_parser("bench", help="benchmarks (results written to files)")
+    benches = bench.add_subparsers(dest="bench", required=True, metavar="<benchmark>")
+    bench_prep = benches.add_parser(
+        "prepare", help="time and peak memory of `prepare` on GLDv2-sized metadata",
+        description="Generate metadata CSVs of real GLDv2 size (4,132,914 train rows, 203,094 "
+                    "landmarks, 761,757 index images), run `glr prepare` on them in a "
+                    "subprocess and write its wall time and peak memory to OUT.")
+    bench_prep.add_argument("--scale", type=float, default=1.0,
+                            help="fraction of GLDv2's size to generate (default: 1.0)")
+    bench_prep.add_argument("--out", type=Path, default=Path("metrics/bench/prepare.json"),
+                            help="result file (default: %(default)s)")
+    bench_prep.add_argument("--workdir", type=Path, default=None,
+                            help="where the generated CSVs go (default: a temporary folder)")
+    bench_prep.set_defaults(func=cmd_bench_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        args.func(args)
+    except (ParamsError, GLDv2FormatError) as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The one typed loader of `params.yaml`.
+
+Every section is a frozen dataclass. `load_params` walks the YAML mapping against the
+dataclasses and rejects unknown keys, wrong types and out-of-range values with a message that
+names the key (`synth.image_width`) and what is allowed. Constraints live beside each field in
+its `metadata`: `min`/`max` for numbers, `choices` for strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A params file that does not match the schema; the message names the key."""
+
+
+def _spec(default: Any, *, min: float | None = None, max: float | None = None,
+          help: str = "") -> Any:
+    """A dataclass field with a default and range metadata."""
+    meta = {"min": min, "max": max, "help": help}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class DataParams:
+    root: str = _spec("data/mini-gldv2", help="GLDv2 root (real or mini) that prepare reads")
+    continent_table: str = _spec("data/mini-gldv2/continent_codes.csv",
+                                 help="country→continent CSV (Continent_Name, "
+                                      "Two_Letter_Country_Code); glr ships a full one in "
+                                      "src/glr/resources/continent_codes.csv")
+
+
+@dataclass(frozen=True)
+class SynthParams:
+    """Size and content of the generated mini-GLDv2 (see glr.synth)."""
+
+    seed: int = _spec(2021, min=0)
+    countries: int = _spec(10, min=2, max=150, help="countries besides XK and OTHER")
+    clean_landmarks: int = _spec(60, min=2)
+    clean_images: list[int] = _spec([8, 14], min=1, help="[min, max] clean images per landmark")
+    noisy_extras: list[int] = _spec([1, 4], min=0,
+                                    help="[min, max] noisy extras per clean landmark")
+    junk_fraction: float = _spec(0.5, min=0.0, max=1.0,
+                                 help="share of noisy extras that are junk, not other landmarks")
+    extra_landmarks: int = _spec(40, min=0, help="train landmarks absent from train_clean.csv")
+    extra_images: list[int] = _spec([4, 10], min=1)
+    test_landmarks: int = _spec(40, min=1, help="landmarks with queries (all are train landmarks)")
+    test_landmarks_from_clean: float = _spec(0.6, min=0.0, max=1.0)
+    queries_per_landmark: list[int] = _spec([1, 3], min=1)
+    index_images: list[int] = _spec([3, 8], min=1, help="index images per index landmark")
+    distractor_landmarks: int = _spec(120, min=0, help="index landmarks without queries")
+    distractor_mapped_fraction: float = _spec(0.7, min=0.0, max=1.0,
+                                              help="share of distractors that are train landmarks")
+    split_landmarks: int = _spec(3, min=0, help="query landmarks whose index images carry 2 labels")
+    ignored_queries: int = _spec(30, min=0, help="non-landmark test images (Usage Ignored)")
+    public_fraction: float = _spec(0.35, min=0.0, max=1.0)
+    image_width: int = _spec(160, min=32, max=4096)
+    image_height: int = _spec(120, min=32, max=4096)
+    jpeg_quality: int = _spec(90, min=1, max=100)
+
+    def validate(self, prefix: str) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list) and (len(value) != 2 or value[0] > value[1]):
+                raise ParamsError(f"{prefix}.{f.name}: expected [min, max] with min <= max, "
+                                  f"got {value!r}")
+
+
+EvalIndexMode = Literal["all", "list", "sample"]
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    holdout_val_queries: bool = _spec(
+        True, help="keep validation queries out of `all` (false reproduces the authors)")
+    eval_index: EvalIndexMode = _spec("all", help="all | list | sample")
+    eval_index_list: str | None = _spec(None, help="file of index ids (mode list)")
+    eval_index_sample: int = _spec(100_000, min=1, help="sampled index ids (mode sample)")
+    seed: int = _spec(0, min=0)
+
+    def validate(self, prefix: str) -> None:
+        if self.eval_index == "list" and not self.eval_index_list:
+            raise ParamsError(f"{prefix}.eval_index_list: required when {prefix}.eval_index "
+                              "is 'list'")
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    synth: SynthParams = field(default_factory=SynthParams)
+    prepare: PrepareParams = field(default_factory=PrepareParams)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_range(key: str, value: float, meta: dict) -> None:
+    lo, hi = meta.get("min"), meta.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ParamsError(f"{key}: {value!r} is out of range; allowed: {bounds}")
+
+
+def _convert(key: str, value: Any, tp: Any, meta: dict) -> Any:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in get_args(tp):
+            return None
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        errors = []
+        for candidate in inner:
+            try:
+                return _convert(key, value, candidate, meta)
+            except ParamsError as err:
+                errors.append(str(err))
+        raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ParamsError(f"{key}: {value!r} is not allowed; allowed: {_type_name(tp)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = get_args(tp)
+        return [_convert(f"{key}[{i}]", v, item_tp, meta) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(key, value, tp)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key}: expected an integer, got {value!r}")
+        _check_range(key, value, meta)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{key}: expected a number, got {value!r}")
+        _check_range(key, float(value), meta)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported params type {tp!r} for {key}")  # a bug in this module
+
+
+def _build(prefix: str, raw: Any, cls: type) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{prefix or 'params'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ParamsError(
+            f"unknown key {where}{unknown[0]}; allowed keys"
+            f"{' in ' + prefix if prefix else ''}: {', '.join(sorted(fields))}")
+    values = {}
+    for name, spec in fields.items():
+        if name in raw:
+            key = f"{prefix}.{name}" if prefix else name
+            values[name] = _convert(key, raw[name], hints[name], dict(spec.metadata))
+    obj = cls(**values)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate(prefix)
+    return obj
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a parsed YAML mapping into `Params` (raises ParamsError)."""
+    return _build("", raw, Params)
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    """Read and validate a params file; errors name the file and the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    try:
+        return parse_params(raw)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None

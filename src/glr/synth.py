@@ -1,0 +1,585 @@
+"""Stage `synth`: the embedded mini-GLDv2, a small generated dataset in the exact GLDv2 layout.
+
+Every later stage reads it through the same code as the real GLDv2 (see `glr.gldv2`). Its
+content makes the method's parts measurable:
+
+- a landmark is a procedurally drawn scene (sky, ground, a building of blocks, roofs, domes,
+  towers with window patterns and ornaments); a photo of it is the scene seen from a random
+  viewpoint (perspective warp), scale and crop, with illumination and colour change, blur or
+  noise, and partial occlusion;
+- landmarks of one country share a palette, sky, ground, shape vocabulary and pattern, so a
+  country tag carries signal; continents are skewed like GLDv2 (Asia-heavy);
+- train.csv holds the clean images, noisy extras of clean landmarks (junk, or photos of another
+  landmark carrying this label) and landmarks absent from train_clean.csv;
+- the index holds the test landmarks' images plus distractor landmarks, most of which map to
+  train landmarks through their categories and some not; a few test landmarks have a twin
+  (the same scene under a second train landmark and category), so their queries' ground truth
+  spans two labels; test has Public, Private and Ignored (non-landmark) queries.
+
+The same seed gives the same bytes: every image draws from its own random stream, derived from
+the seed and the image's place in the plan, so worker count and order do not matter.
+`synth_truth.json` (outside the GLDv2 files) records the counts the plan implies, which the
+tests compare with what `prepare` derives.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
+from tqdm import tqdm
+
+from glr.gldv2 import Layout, image_relpath
+from glr.params import SynthParams
+
+log = logging.getLogger(__name__)
+
+# Country pool by continent; the generator picks `countries` of them, plus XK and OTHER.
+COUNTRY_POOL = {
+    "Asia": ["JP", "CN", "IN", "TH", "KR", "VN", "ID", "NP", "TR"],
+    "Europe": ["FR", "IT", "DE", "ES", "GB", "GR", "PL"],
+    "North America": ["US", "MX", "CA", "CU"],
+    "South America": ["BR", "PE", "AR"],
+    "Africa": ["EG", "MA", "ZA", "NA"],
+    "Oceania": ["AU", "NZ"],
+    "Antarctica": ["AQ"],
+}
+# Share of landmarks per continent (Asia-heavy like GLDv2's test landmarks).
+CONTINENT_WEIGHTS = {"Asia": 0.42, "Europe": 0.24, "North America": 0.1, "Africa": 0.08,
+                     "South America": 0.06, "Oceania": 0.04, "Antarctica": 0.02, "OTHER": 0.04}
+SHAPES = ("block", "roof", "dome", "tower", "arch", "columns")
+PATTERNS = ("windows", "stripes", "bricks", "dots")
+PLACES = ("Temple", "Church", "Tower", "Gate", "Palace", "Bridge", "Fort", "Shrine", "Hall",
+          "Pagoda", "Museum", "Castle", "Mosque", "Lighthouse")
+# Seed-stream tags: each random stream is keyed by (seed, tag, index).
+_PLAN, _STYLE, _SCENE, _PHOTO, _JUNK = range(5)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass
+class Country:
+    code: str
+    continent: str
+    style_index: int
+
+
+@dataclass
+class Landmark:
+    """A landmark of the world: one scene, one category, one country."""
+
+    index: int
+    category: str
+    country: str
+    train_id: int | None = None  # landmark_id in train.csv, if a train landmark
+    index_id: int | None = None  # landmark_id in the index, if it has index images
+    twin_of: int | None = None  # a second landmark showing the same scene
+
+
+@dataclass
+class ImageSpec:
+    """One image to write: a photo of a scene (scene >= 0) or junk (scene = -1)."""
+
+    id: str
+    split: str
+    scene: int
+    seed_index: int
+    landscape: bool
+
+
+@dataclass
+class Plan:
+    countries: list[Country]
+    landmarks: list[Landmark]
+    images: list[ImageSpec] = field(default_factory=list)
+    train_rows: list[tuple[str, int]] = field(default_factory=list)  # (id, train landmark_id)
+    clean_rows: list[tuple[int, list[str]]] = field(default_factory=list)
+    index_rows: list[tuple[str, int]] = field(default_factory=list)
+    solution_rows: list[tuple[str, list[str], str]] = field(default_factory=list)
+    truth: dict = field(default_factory=dict)
+
+
+def _rng(seed: int, tag: int, index: int = 0) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, tag, index]))
+
+
+def _uniform_int(rng: np.random.Generator, bounds: list[int]) -> int:
+    return int(rng.integers(bounds[0], bounds[1] + 1))
+
+
+def choose_countries(rng: np.random.Generator, count: int) -> list[Country]:
+    """`count` countries from the pool, every continent represented while counts allow."""
+    pool = [(code, cont) for cont, codes in COUNTRY_POOL.items() for code in codes]
+    firsts = [codes[0] for codes in COUNTRY_POOL.values()][:count]
+    rest = [code for code, _ in pool if code not in firsts]
+    picked = firsts + list(rng.choice(rest, size=max(0, count - len(firsts)), replace=False))
+    continent_of = dict(pool)
+    countries = [Country(code, continent_of[code], i) for i, code in enumerate(picked)]
+    countries.append(Country("XK", "Europe", len(countries)))  # method.md: XK → Europe
+    countries.append(Country("OTHER", "OTHER", len(countries)))
+    return countries
+
+
+def _country_weights(countries: list[Country]) -> np.ndarray:
+    per_continent = {}
+    for country in countries:
+        per_continent[country.continent] = per_continent.get(country.continent, 0) + 1
+    weights = np.array([CONTINENT_WEIGHTS[c.continent] / per_continent[c.continent]
+                        for c in countries])
+    return weights / weights.sum()
+
+
+def make_plan(params: SynthParams) -> Plan:
+    """Decide every landmark, image id, label and query; no pixels yet."""
+    rng = _rng(params.seed, _PLAN)
+    countries = choose_countries(rng, params.countries)
+    weights = _country_weights(countries)
+
+    n_clean, n_extra = params.clean_landmarks, params.extra_landmarks
+    n_test = min(params.test_landmarks, n_clean + n_extra)
+    n_twins = min(params.split_landmarks, n_test)
+    n_distractors = params.distractor_landmarks
+    n_mapped = min(round(n_distractors * params.distractor_mapped_fraction),
+                   n_clean + n_extra - n_test)
+    n_world = n_clean + n_extra + n_twins + n_distractors - n_mapped
+
+    landmark_country = rng.choice(len(countries), size=n_world, p=weights)
+    landmarks = []
+    for i in range(n_world):
+        country = countries[landmark_country[i]]
+        place = PLACES[int(rng.integers(len(PLACES)))]
+        name = f"Mini_{place}_{i:04d}_{country.code}"
+        if i % 7 == 3:  # some categories need CSV quoting, as in GLDv2
+            name += f",_District_{i % 5}"
+        landmarks.append(Landmark(i, name, country.code))
+
+    train_ids = rng.choice(np.arange(1, 203_094), size=n_clean + n_extra + n_twins, replace=False)
+    for landmark, train_id in zip(landmarks[: len(train_ids)], train_ids, strict=True):
+        landmark.train_id = int(train_id)
+    clean = landmarks[:n_clean]
+    extra = landmarks[n_clean: n_clean + n_extra]
+    twins = landmarks[n_clean + n_extra: n_clean + n_extra + n_twins]
+    unmapped = landmarks[n_clean + n_extra + n_twins:]
+
+    # Test landmarks: a share from clean, the rest from the extra landmarks.
+    from_clean = min(round(n_test * params.test_landmarks_from_clean), n_clean)
+    from_extra = min(n_test - from_clean, n_extra)
+    from_clean = n_test - from_extra
+    test = ([clean[i] for i in rng.choice(n_clean, size=from_clean, replace=False)]
+            + [extra[i] for i in rng.choice(n_extra, size=from_extra, replace=False)])
+    for twin, original in zip(twins, test[:n_twins], strict=True):
+        twin.twin_of = original.index  # same scene, own train landmark and category
+        twin.country = original.country
+        twin.category = f"{original.category.split(',')[0]}_(north_side)"
+    test_set = {lm.index for lm in test}
+    others = [lm for lm in clean + extra if lm.index not in test_set]
+    mapped = [others[i] for i in rng.choice(len(others), size=n_mapped, replace=False)]
+    index_landmarks = test + twins + mapped + unmapped
+    index_ids = rng.choice(np.arange(1, 100_000), size=len(index_landmarks), replace=False)
+    for landmark, index_id in zip(index_landmarks, index_ids, strict=True):
+        landmark.index_id = int(index_id)
+
+    plan = Plan(countries, landmarks)
+    new_id = _id_factory(rng)
+
+    def photo(split: str, scene: int) -> str:
+        image_id = new_id()
+        plan.images.append(ImageSpec(image_id, split, scene, len(plan.images),
+                                     bool(rng.random() < 0.7)))
+        return image_id
+
+    def scene_of(landmark: Landmark) -> int:
+        return landmark.twin_of if landmark.twin_of is not None else landmark.index
+
+    # train.csv: clean images + noisy extras of clean landmarks, extra landmarks, twins
+    train_rows = []
+    n_clean_images = n_extras = 0
+    for landmark in clean:
+        ids = [photo("train", scene_of(landmark))
+               for _ in range(_uniform_int(rng, params.clean_images))]
+        plan.clean_rows.append((landmark.train_id, ids))
+        n_clean_images += len(ids)
+        train_rows += [(i, landmark.train_id) for i in ids]
+        for _ in range(_uniform_int(rng, params.noisy_extras)):
+            if rng.random() < params.junk_fraction or len(landmarks) < 2:
+                scene = -1
+            else:
+                other = int(rng.integers(len(landmarks) - 1))
+                scene = scene_of(landmarks[other + (other >= landmark.index)])
+            train_rows.append((photo("train", scene), landmark.train_id))
+            n_extras += 1
+    for landmark in extra + twins:
+        train_rows += [(photo("train", scene_of(landmark)), landmark.train_id)
+                       for _ in range(_uniform_int(rng, params.extra_images))]
+    order = rng.permutation(len(train_rows))  # train.csv is not grouped by landmark
+    plan.clean_rows.sort(key=lambda row: row[0])  # train_clean.csv is sorted by landmark_id
+    plan.train_rows = [train_rows[i] for i in order]
+
+    # index: images of every index landmark
+    index_images: dict[int, list[str]] = {}
+    for landmark in index_landmarks:
+        ids = [photo("index", scene_of(landmark))
+               for _ in range(_uniform_int(rng, params.index_images))]
+        index_images[landmark.index] = ids
+        plan.index_rows += [(i, landmark.index_id) for i in ids]
+
+    # test: queries of test landmarks (ground truth = their index images and their twin's)
+    twin_of = {twin.twin_of: twin for twin in twins}
+    queries: list[tuple[str, list[str], str]] = []
+    query_labels = 0
+    for landmark in test:
+        truth = list(index_images[landmark.index])
+        if landmark.index in twin_of:
+            truth += index_images[twin_of[landmark.index].index]
+        for _ in range(_uniform_int(rng, params.queries_per_landmark)):
+            usage = "Public" if rng.random() < params.public_fraction else "Private"
+            queries.append((photo("test", scene_of(landmark)), truth, usage))
+            query_labels += 2 if landmark.index in twin_of else 1
+    queries += [(photo("test", -1), [], "Ignored") for _ in range(params.ignored_queries)]
+    plan.solution_rows = [queries[i] for i in rng.permutation(len(queries))]
+
+    n_train = len(plan.train_rows)
+    n_index_mapped = sum(len(index_images[lm.index]) for lm in test + twins + mapped)
+    n_all = n_train + n_index_mapped + params.ignored_queries
+    n_train_labels = n_clean + n_extra + n_twins
+    scored = [q for q in queries if q[2] != "Ignored"]
+    plan.truth = {
+        "clean": {"images": n_clean_images, "labels": n_clean},
+        "c2x": {"images": n_clean_images + n_extras, "labels": n_clean,
+                "noisy": n_extras},
+        "full": {"images": n_train, "labels": n_train_labels,
+                 "noisy": n_train - n_clean_images},
+        "all_holdout": {"images": n_all, "labels": n_train_labels,
+                        "unlabelled": params.ignored_queries},
+        "all_authors": {"images": n_all + query_labels, "labels": n_train_labels,
+                        "unlabelled": params.ignored_queries},
+        "reference_holdout": {"images": n_all - params.ignored_queries},
+        "index": {"images": len(plan.index_rows), "mapped": n_index_mapped,
+                  "unmapped": len(plan.index_rows) - n_index_mapped},
+        "val_queries": {"total": len(scored),
+                        "public": sum(q[2] == "Public" for q in scored),
+                        "private": sum(q[2] == "Private" for q in scored)},
+        "landmarks": {"clean": n_clean, "extra": n_extra, "twins": n_twins, "test": n_test,
+                      "distractors_mapped": n_mapped,
+                      "distractors_unmapped": len(unmapped)},
+    }
+    return plan
+
+
+def _id_factory(rng: np.random.Generator):
+    seen: set[str] = set()
+
+    def new_id() -> str:
+        while True:
+            value = f"{int(rng.integers(0, 2**63)) * 2 + int(rng.integers(0, 2)):016x}"
+            if value not in seen:
+                seen.add(value)
+                return value
+
+    return new_id
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@dataclass
+class Style:
+    """A country's look: palette, sky, ground, preferred shapes and surface pattern."""
+
+    palette: np.ndarray  # (5, 3) uint8
+    sky_top: np.ndarray
+    sky_bottom: np.ndarray
+    ground: np.ndarray
+    shape_weights: np.ndarray
+    pattern: str
+
+
+def make_style(seed: int, style_index: int) -> Style:
+    rng = _rng(seed, _STYLE, style_index)
+    hue = rng.random()
+    palette = np.stack([_hsv(hue + rng.normal(0, 0.08), rng.uniform(0.35, 0.9),
+                             rng.uniform(0.35, 0.95)) for _ in range(5)])
+    sky_hue = rng.uniform(0.5, 0.7) if rng.random() < 0.7 else rng.uniform(0.0, 0.15)
+    weights = rng.dirichlet(np.full(len(SHAPES), 0.6))
+    return Style(palette=palette,
+                 sky_top=_hsv(sky_hue, rng.uniform(0.3, 0.8), rng.uniform(0.5, 0.9)),
+                 sky_bottom=_hsv(sky_hue + 0.05, rng.uniform(0.1, 0.4), rng.uniform(0.8, 1.0)),
+                 ground=_hsv(rng.random(), rng.uniform(0.2, 0.6), rng.uniform(0.25, 0.6)),
+                 shape_weights=weights,
+                 pattern=PATTERNS[int(rng.integers(len(PATTERNS)))])
+
+
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    color = Image.new("HSV", (1, 1), (int(h % 1.0 * 255), int(s * 255), int(v * 255)))
+    return np.array(color.convert("RGB").getpixel((0, 0)), dtype=np.uint8)
+
+
+def render_scene(seed: int, scene: int, style: Style, width: int, height: int) -> Image.Image:
+    """Draw landmark `scene` in its country's style; coordinates are resolution-independent."""
+    rng = _rng(seed, _SCENE, scene)
+    horizon = rng.uniform(0.58, 0.78)
+    t = np.linspace(0.0, 1.0, height)[:, None, None]
+    sky = (1 - t) * style.sky_top + t * style.sky_bottom
+    pixels = np.broadcast_to(sky, (height, width, 3)).copy()
+    ground = style.ground.astype(float) * rng.uniform(0.8, 1.2)
+    pixels[int(horizon * height):] = np.clip(ground, 0, 255)
+    image = Image.fromarray(pixels.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    size = np.array([width, height], dtype=float)
+
+    def box(x0: float, y0: float, x1: float, y1: float) -> list[float]:
+        return [x0 * size[0], y0 * size[1], x1 * size[0], y1 * size[1]]
+
+    def color() -> tuple[int, ...]:
+        base = style.palette[int(rng.integers(len(style.palette)))].astype(float)
+        return tuple(int(c) for c in np.clip(base * rng.uniform(0.75, 1.25), 0, 255))
+
+    # A few background hills or trees in the ground colour, then the building.
+    for _ in range(int(rng.integers(1, 4))):
+        cx, w = rng.uniform(0, 1), rng.uniform(0.2, 0.5)
+        draw.ellipse(box(cx - w, horizon - rng.uniform(0.05, 0.15), cx + w, horizon + 0.1),
+                     fill=tuple(int(c) for c in np.clip(ground * 0.8, 0, 255)))
+    center = rng.uniform(0.35, 0.65)
+    span = rng.uniform(0.3, 0.6)
+    for _ in range(int(rng.integers(4, 8))):
+        shape = SHAPES[int(rng.choice(len(SHAPES), p=style.shape_weights))]
+        w = span * rng.uniform(0.2, 0.6)
+        x0 = center + rng.uniform(-span / 2, span / 2) - w / 2
+        top = horizon - rng.uniform(0.15, 0.5)
+        _draw_shape(draw, shape, box, x0, top, w, horizon, color(), color(), style, rng)
+    for _ in range(int(rng.integers(2, 5))):  # ornaments: small, landmark-specific marks
+        cx = center + rng.uniform(-span / 2, span / 2)
+        cy = horizon - rng.uniform(0.05, 0.45)
+        r = rng.uniform(0.015, 0.04)
+        points = [(cx + r * np.cos(a), cy + r * np.sin(a))
+                  for a in np.linspace(0, 2 * np.pi, int(rng.integers(3, 7)), endpoint=False)]
+        draw.polygon([(x * size[0], y * size[1]) for x, y in points], fill=color())
+    return image
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, x0: float, top: float, w: float,
+                base: float, fill: tuple, accent: tuple, style: Style,
+                rng: np.random.Generator) -> None:
+    x1 = x0 + w
+    if shape == "block":
+        draw.rectangle(box(x0, top, x1, base), fill=fill)
+        _pattern(draw, box, x0, top, x1, base, accent, style.pattern, rng)
+    elif shape == "roof":
+        draw.rectangle(box(x0, top + 0.1, x1, base), fill=fill)
+        x_a, y_a, x_b, y_b = box(x0 - 0.02, top - 0.02, x1 + 0.02, top + 0.1)
+        draw.polygon([(x_a, y_b), (x_b, y_b), ((x_a + x_b) / 2, y_a)], fill=accent)
+    elif shape == "dome":
+        draw.rectangle(box(x0, top + w / 2, x1, base), fill=fill)
+        draw.pieslice(box(x0, top, x1, top + w), 180, 360, fill=accent)
+    elif shape == "tower":
+        narrow = w * 0.35
+        draw.rectangle(box(x0, top - 0.15, x0 + narrow, base), fill=fill)
+        _pattern(draw, box, x0, top - 0.15, x0 + narrow, base, accent, style.pattern, rng)
+        x_a, y_a, x_b, y_b = box(x0 - 0.01, top - 0.25, x0 + narrow + 0.01, top - 0.15)
+        draw.polygon([(x_a, y_b), (x_b, y_b), ((x_a + x_b) / 2, y_a)], fill=accent)
+    elif shape == "arch":
+        draw.rectangle(box(x0, top, x1, base), fill=fill)
+        draw.pieslice(box(x0 + w * 0.25, top + (base - top) * 0.35, x1 - w * 0.25,
+                          base + (base - top) * 0.3), 180, 360, fill=accent)
+    else:  # columns
+        draw.rectangle(box(x0 - 0.01, top, x1 + 0.01, top + 0.04), fill=accent)
+        for x in np.linspace(x0, x1 - w / 8, int(rng.integers(3, 7))):
+            draw.rectangle(box(x, top + 0.04, x + w / 8, base), fill=fill)
+
+
+def _pattern(draw: ImageDraw.ImageDraw, box, x0: float, y0: float, x1: float, y1: float,
+             color: tuple, pattern: str, rng: np.random.Generator) -> None:
+    rows, cols = int(rng.integers(2, 6)), int(rng.integers(2, 5))
+    dx, dy = (x1 - x0) / cols, (y1 - y0) / rows
+    for r in range(rows):
+        for c in range(cols):
+            cx0, cy0 = x0 + c * dx, y0 + r * dy
+            if pattern == "windows":
+                draw.rectangle(box(cx0 + dx * 0.25, cy0 + dy * 0.2, cx0 + dx * 0.75,
+                                   cy0 + dy * 0.7), fill=color)
+            elif pattern == "stripes" and c == 0:
+                draw.rectangle(box(x0, cy0 + dy * 0.4, x1, cy0 + dy * 0.6), fill=color)
+            elif pattern == "bricks" and (r + c) % 2 == 0:
+                draw.rectangle(box(cx0, cy0, cx0 + dx, cy0 + dy), fill=color)
+            elif pattern == "dots":
+                draw.ellipse(box(cx0 + dx * 0.3, cy0 + dy * 0.3, cx0 + dx * 0.7,
+                                 cy0 + dy * 0.7), fill=color)
+
+
+def perspective_coefficients(dst: np.ndarray, src: np.ndarray) -> list[float]:
+    """PIL PERSPECTIVE data mapping output corners `dst` onto input corners `src` (4×2 each)."""
+    rows = []
+    for (x, y), (u, v) in zip(dst, src, strict=True):
+        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
+        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+    return list(np.linalg.solve(np.array(rows, float), np.asarray(src, float).reshape(8)))
+
+
+def photograph(scene: Image.Image, rng: np.random.Generator, width: int, height: int
+               ) -> Image.Image:
+    """A photo of a rendered scene: viewpoint, scale, crop, light, colour, blur/noise, occlusion."""
+    sw, sh = scene.size
+    scale = rng.uniform(0.5, 0.95)
+    aspect = width / height
+    crop_w = min(sw * scale, sh * scale * aspect)
+    crop_h = crop_w / aspect
+    cx = rng.uniform(crop_w / 2, sw - crop_w / 2)
+    cy = rng.uniform(crop_h / 2, sh - crop_h / 2)
+    corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], float) * [crop_w / 2, crop_h / 2]
+    jitter = rng.uniform(-0.12, 0.12, size=(4, 2)) * [crop_w, crop_h]
+    src = np.clip(corners + jitter + [cx, cy], 0, [sw - 1, sh - 1])  # stay inside the scene
+    dst = np.array([[0, 0], [width, 0], [width, height], [0, height]], float)
+    photo = scene.transform((width, height), Image.Transform.PERSPECTIVE,
+                            perspective_coefficients(dst, src), Image.Resampling.BILINEAR)
+    photo = ImageEnhance.Brightness(photo).enhance(rng.uniform(0.6, 1.4))
+    photo = ImageEnhance.Contrast(photo).enhance(rng.uniform(0.7, 1.3))
+    photo = ImageEnhance.Color(photo).enhance(rng.uniform(0.6, 1.4))
+    pixels = np.asarray(photo, dtype=np.float32) * (1 + rng.normal(0, 0.06, size=3))  # tint
+    if rng.random() < 0.3:
+        pixels += rng.normal(0, rng.uniform(3, 12), size=pixels.shape)
+    photo = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    if rng.random() < 0.4:
+        photo = photo.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5) * width / 160))
+    if rng.random() < 0.5:
+        draw = ImageDraw.Draw(photo)
+        for _ in range(int(rng.integers(1, 3))):
+            w, h = rng.uniform(0.15, 0.4) * width, rng.uniform(0.2, 0.5) * height
+            x, y = rng.uniform(0, width - w), rng.uniform(height * 0.3, height - h * 0.5)
+            shade = tuple(int(c) for c in rng.integers(20, 120, size=3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x, y, x + w, y + h],
+                                                                     fill=shade)
+    return photo
+
+
+def junk(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A non-landmark image: random clutter of blobs and strokes over a flat or noisy ground."""
+    base = rng.integers(0, 256, size=3)
+    pixels = np.broadcast_to(base, (height, width, 3)).astype(np.float32)
+    pixels = pixels + rng.normal(0, rng.uniform(0, 25), size=(height, width, 3))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(5, 20))):
+        x, y = rng.uniform(0, width), rng.uniform(0, height)
+        r = rng.uniform(0.03, 0.25) * width
+        fill = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        if rng.random() < 0.5:
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+        else:
+            draw.line([x, y, x + rng.normal(0, r), y + rng.normal(0, r)], fill=fill,
+                      width=max(1, int(r / 4)))
+    return image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.5) * width / 160))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _encode(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _render_group(args: tuple) -> int:
+    """Render and write the images of one scene (or of junk); run in worker processes."""
+    root, seed, scene, style, specs, width, height, quality = args
+    scene_image = None
+    if scene >= 0:
+        scene_image = render_scene(seed, scene, style, int(width * 1.6), int(height * 1.6))
+    for spec in specs:
+        w, h = (width, height) if spec.landscape else (height, width)
+        if scene >= 0:
+            rng = _rng(seed, _PHOTO, spec.seed_index)
+            image = photograph(scene_image, rng, w, h)
+        else:
+            image = junk(_rng(seed, _JUNK, spec.seed_index), w, h)
+        path = Path(root) / image_relpath(spec.split, spec.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_encode(image, quality))
+    return len(specs)
+
+
+def write_metadata(plan: Plan, layout: Layout) -> None:
+    """The GLDv2 CSV and JSON files of a plan."""
+    for folder in ("train", "index", "test"):
+        (layout.root / folder).mkdir(parents=True, exist_ok=True)
+    landmarks = plan.landmarks
+    url = "http://commons.wikimedia.org/wiki/Category:"
+    _write_csv(layout.train_csv, ["id", "url", "landmark_id"],
+               [(i, f"http://upload.wikimedia.org/wikipedia/commons/{i[0]}/{i[:2]}/{i}.jpg", lm)
+                for i, lm in plan.train_rows])
+    _write_csv(layout.train_clean_csv, ["landmark_id", "images"],
+               [(lm, " ".join(ids)) for lm, ids in plan.clean_rows])
+    _write_csv(layout.train_categories_csv, ["landmark_id", "category"],
+               sorted((lm.train_id, url + lm.category) for lm in landmarks
+                      if lm.train_id is not None))
+    _write_csv(layout.index_csv, ["id", "landmark_id"], plan.index_rows)
+    _write_csv(layout.index_categories_csv, ["landmark_id", "category"],
+               sorted((lm.index_id, url + lm.category) for lm in landmarks
+                      if lm.index_id is not None))
+    _write_csv(layout.solution_csv, ["id", "images", "Usage"],
+               [(i, " ".join(truth) if truth else "None", usage)
+                for i, truth, usage in plan.solution_rows])
+    layout.country_dir.mkdir(parents=True, exist_ok=True)
+    codes = [country.code for country in plan.countries]
+    layout.country_codes_json.write_text(json.dumps(codes) + "\n")
+    for code in codes:
+        entries = [{"name": lm.category, "country": code} for lm in landmarks if lm.country == code]
+        (layout.country_dir / f"{code}.json").write_text(json.dumps(entries, indent=1) + "\n")
+    with layout.continent_csv.open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["Continent_Name", "Two_Letter_Country_Code"])
+        writer.writerows((c.continent, c.code) for c in plan.countries
+                         if c.code not in ("XK", "OTHER"))
+
+
+def _write_csv(path: Path, header: list[str], rows) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def generate(params: SynthParams, out: Path, workers: int | None = None,
+             progress: bool = True) -> Plan:
+    """Write a whole mini-GLDv2 under `out` (replacing what was there)."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    plan = make_plan(params)
+    layout = Layout(tmp)
+    write_metadata(plan, layout)
+    scene_of_country = {lm.index: lm.country for lm in plan.landmarks}
+    style_of = {c.code: make_style(params.seed, c.style_index) for c in plan.countries}
+    groups: dict[int, list[ImageSpec]] = {}
+    for spec in plan.images:
+        groups.setdefault(spec.scene, []).append(spec)
+    tasks = [(str(tmp), params.seed, scene,
+              style_of[scene_of_country[scene]] if scene >= 0 else None, specs,
+              params.image_width, params.image_height, params.jpeg_quality)
+             for scene, specs in sorted(groups.items())]
+    workers = workers or min(os.cpu_count() or 1, 8)
+    bar = tqdm(total=len(plan.images), desc="synth images", unit="img", disable=not progress)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for done in pool.map(_render_group, tasks, chunksize=4):
+                bar.update(done)
+    else:
+        for task in tasks:
+            bar.update(_render_group(task))
+    bar.close()
+    (tmp / "synth_truth.json").write_text(json.dumps(plan.truth, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return plan

@@ -1,0 +1,101 @@
+"""GLDv2 readers: id parsing, layout, quoting, and clear errors on malformed files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import URL, hexid, write_csv
+from glr import gldv2
+from glr.gldv2 import GLDv2FormatError
+
+
+def test_hex_ids_round_trip():
+    ids = ["0123456789abcdef", "ffffffffffffffff", "00000000000000a0", "FEDCBA9876543210"]
+    values = gldv2.hex_to_uint64(ids)
+    assert values.dtype == np.uint64
+    assert values.tolist() == [0x0123456789ABCDEF, 2**64 - 1, 0xA0, 0xFEDCBA9876543210]
+    assert gldv2.uint64_to_hex(values).to_pylist() == [i.lower() for i in ids]
+
+
+def test_hex_ids_on_sliced_and_chunked_arrays():
+    arr = pa.array(["0000000000000001", "0000000000000002", "0000000000000003"])
+    assert gldv2.hex_to_uint64(arr.slice(1)).tolist() == [2, 3]
+    assert gldv2.hex_to_uint64(pa.chunked_array([arr.slice(2), arr])).tolist() == [3, 1, 2, 3]
+
+
+@pytest.mark.parametrize(("ids", "message"), [
+    (["0000000000000001", "123"], r"ids\.csv: image id '123' at data row 2 is not 16 hex"),
+    (["000000000000000g"], r"image id '000000000000000g' at data row 1 is not hexadecimal"),
+])
+def test_bad_ids(ids, message):
+    with pytest.raises(GLDv2FormatError, match=message):
+        gldv2.hex_to_uint64(ids, "ids.csv")
+
+
+def test_image_path_layout(tmp_path):
+    layout = gldv2.Layout(tmp_path)
+    assert layout.image_path("index", "abcdef0123456789") == (
+        tmp_path / "index" / "a" / "b" / "c" / "abcdef0123456789.jpg")
+
+
+def test_categories_lose_their_url_and_keep_commas(tmp_path):
+    path = tmp_path / "cats.csv"
+    write_csv(path, ["landmark_id", "category"], [(1, URL + "A,_B"), (2, URL + "C")])
+    assert '"' in path.read_text()  # the comma forced quoting, as in GLDv2
+    frame = gldv2.read_label_to_category(path)
+    assert frame["category"].tolist() == ["A,_B", "C"]
+
+
+def test_namibia_is_not_missing(tmp_path):
+    path = tmp_path / "continents.csv"
+    write_csv(path, ["Continent_Name", "Two_Letter_Country_Code"], [("Africa", "NA")])
+    continents = gldv2.read_continents(path)
+    assert continents["NA"] == "Africa"
+    assert continents["XK"] == "Europe" and continents["OTHER"] == "OTHER"
+
+
+def test_shipped_continent_table_is_complete():
+    continents = gldv2.read_continents(gldv2.SHIPPED_CONTINENTS)
+    assert len(continents) == 250  # 248 ISO codes + XK + OTHER
+    assert continents["JP"] == "Asia" and continents["BR"] == "South America"
+    assert continents["RU"] == "Europe" and continents["AQ"] == "Antarctica"
+
+
+def test_duplicate_train_id(tmp_path):
+    path = tmp_path / "train.csv"
+    write_csv(path, ["id", "url", "landmark_id"],
+              [(hexid("1"), "u", 1), (hexid("2"), "u", 1), (hexid("1"), "u", 2)])
+    with pytest.raises(GLDv2FormatError, match=r"train\.csv: duplicate id '0+1' at data row 3"):
+        gldv2.read_train(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(GLDv2FormatError, match=r"train\.csv: file not found"):
+        gldv2.read_train(tmp_path / "train.csv")
+
+
+def test_solution_usage_and_ignored_rows(tmp_path):
+    path = tmp_path / "solution.csv"
+    write_csv(path, ["id", "images", "Usage"],
+              [(hexid("1"), f"{hexid('a')} {hexid('b')}", "Public"), (hexid("2"), "None",
+                                                                     "Ignored")])
+    frame = gldv2.read_solution(path)
+    assert frame["usage"].tolist() == ["Public", "Ignored"]
+    assert [v.tolist() for v in frame["images"]] == [[0xA, 0xB], []]
+    write_csv(path, ["id", "images", "Usage"], [(hexid("1"), hexid("a"), "Secret")])
+    with pytest.raises(GLDv2FormatError, match=r"Usage 'Secret' at data row 1 is not one of"):
+        gldv2.read_solution(path)
+
+
+def test_malformed_country_file(tmp_path):
+    layout = gldv2.Layout(tmp_path)
+    layout.country_dir.mkdir(parents=True)
+    layout.country_codes_json.write_text('["JP"]')
+    (layout.country_dir / "JP.json").write_text('[{"title": "x"}]')
+    with pytest.raises(GLDv2FormatError, match=r"JP\.json: entry 0 has no string field 'name'"):
+        gldv2.read_country_categories(layout)
+    (layout.country_dir / "JP.json").unlink()
+    with pytest.raises(GLDv2FormatError, match=r"JP\.json: file not found"):
+        gldv2.read_country_categories(layout)
