@@ -83,3 +83,21 @@ def small_synth() -> SynthParams:
                        extra_landmarks=5, extra_images=[2, 4], test_landmarks=6,
                        queries_per_landmark=[1, 2], index_images=[2, 3], distractor_landmarks=6,
                        split_landmarks=2, ignored_queries=4, image_width=48, image_height=36)
+
+
+@pytest.fixture(scope="session")
+def small_pipeline(tmp_path_factory, small_synth):
+    """A small mini-GLDv2 taken through synth and prepare: (params, prepared dir)."""
+    from glr import prepare, synth
+    from glr.params import parse_params
+
+    base = tmp_path_factory.mktemp("pipeline")
+    root = base / "mini"
+    synth.generate(small_synth, root, workers=1, progress=False)
+    params = parse_params({
+        "data": {"root": str(root), "continent_table": str(root / "continent_codes.csv"),
+                 "images_fingerprint": str(root / "images.md5")},
+        "shard": {"samples_per_shard": 10, "workers": 1},
+    })
+    prepare.main(params, base / "prepared", base / "prepare.json")
+    return params, base / "prepared"

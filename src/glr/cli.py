@@ -9,6 +9,7 @@ from pathlib import Path
 
 from glr.gldv2 import GLDv2FormatError
 from glr.params import DEFAULT_PARAMS, ParamsError, load_params
+from glr.shards import ShardError
 
 log = logging.getLogger("glr")
 
@@ -52,6 +53,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from glr import prepare
 
     prepare.main(load_params(args.params), args.out, args.metrics)
+
+
+def cmd_shard(args: argparse.Namespace) -> None:
+    from glr import shards
+
+    shards.main(load_params(args.params), args.prepared, args.out, args.metrics)
 
 
 def cmd_bench_prepare(args: argparse.Namespace) -> None:
@@ -100,6 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="counts summary for `dvc metrics` (default: %(default)s)")
     prep.set_defaults(func=cmd_prepare)
 
+    shard = stages.add_parser(
+        "shard", help="write the images as webdataset shards, grouped for sampling",
+        description="Write webdataset tar shards (<key>.jpg + <key>.json) per group: training "
+                    "groups (list increment x continent), the validation queries and the "
+                    "evaluation index; shrink images larger than training needs. Parallel and "
+                    "resumable: a rerun keeps finished shards. Reads: PREPARED/*.parquet, the "
+                    "images under params data.root (tree or official tars); params `shard`. "
+                    "Writes: OUT/<group>/*.tar with manifest.json, OUT/lists.json, "
+                    "OUT/report.json (skipped images) and the totals METRICS.")
+    _add_params(shard)
+    shard.add_argument("--prepared", type=Path, default=Path("data/prepared"),
+                       help="prepare's output folder (default: %(default)s)")
+    shard.add_argument("--out", type=Path, default=Path("data/shards"),
+                       help="shard folder (default: %(default)s)")
+    shard.add_argument("--metrics", type=Path, default=Path("metrics/shard.json"),
+                       help="totals for `dvc metrics` (default: %(default)s)")
+    shard.set_defaults(func=cmd_shard)
+
     bench = stages.add_parser("bench", help="benchmarks (results written to files)")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="<benchmark>")
     bench_prep = benches.add_parser(
@@ -124,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     try:
         args.func(args)
-    except (ParamsError, GLDv2FormatError) as err:
+    except (ParamsError, GLDv2FormatError, ShardError) as err:
         log.error("%s", err)
         return 2
     return 0

@@ -43,6 +43,11 @@ class DataParams:
                                  help="country→continent CSV (Continent_Name, "
                                       "Two_Letter_Country_Code); glr ships a full one in "
                                       "src/glr/resources/continent_codes.csv")
+    images_fingerprint: str = _spec(
+        "data/mini-gldv2/images.md5",
+        help="a small file that changes when the images change (the shard stage's DVC "
+             "dependency instead of 500 GB of images): `glr synth` writes one for the mini "
+             "dataset; for GLDv2, the official md5.images_XXX.txt files concatenated")
 
 
 @dataclass(frozen=True)
@@ -100,10 +105,30 @@ class PrepareParams:
 
 
 @dataclass(frozen=True)
+class ShardParams:
+    """How `glr shard` writes webdataset shards (see glr.shards)."""
+
+    source: Literal["tree", "tar"] = _spec(
+        "tree", help="tree: extracted <split>/a/b/c/<id>.jpg; tar: official images_XXX.tar")
+    max_side: int = _spec(512, min=32, max=8192,
+                          help="largest training/extraction size; bigger images are shrunk")
+    resize: Literal["cover", "fit"] = _spec(
+        "cover", help="cover: shorter side to max_side (lossless for a square resize); "
+                      "fit: longer side to max_side (smaller, faster)")
+    jpeg_quality: int = _spec(95, min=1, max=100, help="quality of re-encoded images")
+    samples_per_shard: int = _spec(100, min=1, help="GLDv2: about 1000")
+    workers: int = _spec(2, min=1, max=256, help="writer processes")
+    max_bad_fraction: float = _spec(0.001, min=0.0, max=1.0,
+                                    help="fail when more images than this are missing/corrupt")
+    seed: int = _spec(0, min=0, help="order of samples within each training group")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     synth: SynthParams = field(default_factory=SynthParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
+    shard: ShardParams = field(default_factory=ShardParams)
 
 
 # --------------------------------------------------------------------------- validation

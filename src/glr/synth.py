@@ -19,12 +19,14 @@ content makes the method's parts measurable:
 The same seed gives the same bytes: every image draws from its own random stream, derived from
 the seed and the image's place in the plan, so worker count and order do not matter.
 `synth_truth.json` (outside the GLDv2 files) records the counts the plan implies, which the
-tests compare with what `prepare` derives.
+tests compare with what `prepare` derives; `images.md5` (md5sum format) fingerprints the images
+for the shard stage, as GLDv2's official md5 files do.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -489,10 +491,13 @@ def _encode(image: Image.Image, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def _render_group(args: tuple) -> int:
-    """Render and write the images of one scene (or of junk); run in worker processes."""
+def _render_group(args: tuple) -> list[str]:
+    """Render and write the images of one scene (or of junk); run in worker processes.
+
+    Returns an `md5  path` line per image written."""
     root, seed, scene, style, specs, width, height, quality = args
     scene_image = None
+    lines = []
     if scene >= 0:
         scene_image = render_scene(seed, scene, style, int(width * 1.6), int(height * 1.6))
     for spec in specs:
@@ -502,10 +507,13 @@ def _render_group(args: tuple) -> int:
             image = photograph(scene_image, rng, w, h)
         else:
             image = junk(_rng(seed, _JUNK, spec.seed_index), w, h)
-        path = Path(root) / image_relpath(spec.split, spec.id)
+        relpath = image_relpath(spec.split, spec.id)
+        path = Path(root) / relpath
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_encode(image, quality))
-    return len(specs)
+        data = _encode(image, quality)
+        path.write_bytes(data)
+        lines.append(f"{hashlib.md5(data).hexdigest()}  {relpath}")
+    return lines
 
 
 def write_metadata(plan: Plan, layout: Layout) -> None:
@@ -570,14 +578,20 @@ def generate(params: SynthParams, out: Path, workers: int | None = None,
              for scene, specs in sorted(groups.items())]
     workers = workers or min(os.cpu_count() or 1, 8)
     bar = tqdm(total=len(plan.images), desc="synth images", unit="img", disable=not progress)
+    checksums: list[str] = []
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            for done in pool.map(_render_group, tasks, chunksize=4):
-                bar.update(done)
+            for lines in pool.map(_render_group, tasks, chunksize=4):
+                checksums += lines
+                bar.update(len(lines))
     else:
         for task in tasks:
-            bar.update(_render_group(task))
+            checksums += _render_group(task)
+            bar.update(len(checksums) - bar.n)
     bar.close()
+    # md5 of every image (md5sum format): the cheap fingerprint the shard stage depends on
+    (tmp / "images.md5").write_text("".join(f"{line}\n" for line in sorted(checksums,
+                                                                          key=lambda x: x[34:])))
     (tmp / "synth_truth.json").write_text(json.dumps(plan.truth, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)

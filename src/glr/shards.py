@@ -1,0 +1,551 @@
+"""Stage `shard`: GLDv2 images → webdataset tar shards, grouped for sampling, pre-resized.
+
+Groups. The training images are split into disjoint groups, (list increment) × continent:
+
+    clean       the images of train_clean.csv                       (clean)
+    c2x_extra   the noisy extras of clean landmarks: c2x − clean     (noisy)
+    full_extra  the images of landmarks absent from clean: full − c2x (noisy)
+    index       index images mapped into `all`                       (clean, as the authors did)
+    test        labelled test images in `all` (none when validation queries are held out)
+
+so that every training list is a union of groups (`clean` = clean; `c2x` = + c2x_extra;
+`full` = + full_extra; `all` = + index + test) and the continent-aware sampler mixes group
+streams with fixed probabilities without reading data it discards. The reference set for
+feature extraction is the union of all training groups (no second copy of 4.9M images). The
+validation queries (`query`) and the evaluation index (`eval_index`) get their own groups.
+Test images with label −1 are no training target and no reference: they are not sharded.
+
+Samples are `<key>.jpg` + `<key>.json` (id, split, label, clean, country, continent). Within a
+group the samples are shuffled once with a fixed seed (so each shard mixes many labels) and cut
+into shards of `samples_per_shard`: the assignment depends only on the prepared tables and the
+params, never on worker count or interruptions. Each shard is written under a temporary name and
+renamed when complete, with a small `<shard>.info.json` (samples, bytes, sha256, bad images and a
+fingerprint of its plan and settings); a rerun keeps every shard whose fingerprint still matches
+and writes only the rest. Per group, `manifest.json` lists shard files, sample counts, bytes and
+sha256; `lists.json` says which groups make each list; `report.json` lists skipped images.
+
+Pre-resizing: an image whose sides exceed what training at `max_side` needs is downscaled and
+re-encoded (`resize: cover` keeps the shorter side at max_side, so the later square resize loses
+nothing; `fit` keeps the longer side at max_side, smaller and faster but the square resize then
+upsamples the shorter side). Other JPEGs are copied byte for byte; EXIF-rotated or non-JPEG
+images are re-encoded upright as JPEG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from glr import gldv2
+from glr.params import Params, ShardParams
+
+log = logging.getLogger(__name__)
+
+INCREMENTS = ("clean", "c2x_extra", "full_extra", "index", "test")
+LIST_INCREMENTS = {
+    "clean": ("clean",),
+    "c2x": ("clean", "c2x_extra"),
+    "full": ("clean", "c2x_extra", "full_extra"),
+    "all": INCREMENTS,
+}
+EVAL_GROUPS = ("query", "eval_index")
+SHARD_FORMAT = 1  # bump when the bytes a shard holds for the same plan change
+
+
+class ShardError(RuntimeError):
+    """Too many bad images, or an unusable source; the message says which and where."""
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def continent_slug(continent: str) -> str:
+    return continent.lower().replace(" ", "_")
+
+
+def group_name(increment: str, continent: str) -> str:
+    return f"{increment}-{continent_slug(continent)}"
+
+
+def _pairs(frame: pd.DataFrame) -> pd.MultiIndex:
+    return pd.MultiIndex.from_arrays([frame["id"], frame["label"]])
+
+
+def assign_groups(lists: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Training rows, each with its increment: the disjoint pieces the lists are unions of.
+
+    Input: the prepared lists (columns id, split, label, clean, country, continent). Rows are
+    identified by (id, label); an image in `all` twice (two labels) is two samples.
+    """
+    pieces = []
+    seen = pd.MultiIndex.from_arrays([[], []])
+    for increment, frame in (("clean", lists["clean"]), ("c2x_extra", lists["c2x"]),
+                             ("full_extra", lists["full"])):
+        new = frame[~_pairs(frame).isin(seen)]
+        pieces.append(new.assign(increment=increment))
+        seen = seen.append(_pairs(new))
+    rest = lists["all"][(lists["all"]["label"] >= 0) & ~_pairs(lists["all"]).isin(seen)]
+    for split in ("index", "test"):
+        pieces.append(rest[rest["split"] == split].assign(increment=split))
+    groups = pd.concat(pieces, ignore_index=True)
+    groups["group"] = [group_name(i, c) for i, c in
+                       zip(groups["increment"], groups["continent"].astype(str), strict=True)]
+    return groups
+
+
+def list_groups(groups: pd.DataFrame) -> dict[str, list[str]]:
+    """Which groups make each list (and the reference set = every training group)."""
+    names = groups.drop_duplicates("group")
+    result = {name: sorted(names.loc[names["increment"].isin(incs), "group"])
+              for name, incs in LIST_INCREMENTS.items()}
+    result["reference"] = result["all"]
+    return result
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard to write: its group, file name and planned samples."""
+
+    group: str
+    name: str
+    ids: tuple[str, ...]
+    splits: tuple[str, ...]
+    metas: tuple[str, ...]  # the JSON of each sample
+    keys: tuple[str, ...]
+
+
+def _sample_meta(row: dict) -> str:
+    meta = {"id": row["id"], "split": row["split"]}
+    for column in ("label", "clean"):
+        if column in row:
+            meta[column] = int(row[column]) if column == "label" else bool(row[column])
+    for column in ("country", "continent", "usage"):
+        if column in row:
+            meta[column] = str(row[column])
+    return json.dumps(meta, sort_keys=True)
+
+
+def plan_shards(frame: pd.DataFrame, group: str, samples_per_shard: int,
+                seed: int | None) -> list[ShardTask]:
+    """Cut one group's rows into shard tasks (shuffled with `seed`, or in order if None)."""
+    if seed is not None:
+        digest = int(hashlib.sha256(group.encode()).hexdigest()[:8], 16)
+        order = np.random.default_rng([seed, digest]).permutation(len(frame))
+        frame = frame.iloc[order]
+    records = frame.to_dict("records")
+    tasks = []
+    for number, start in enumerate(range(0, len(records), samples_per_shard)):
+        chunk = records[start: start + samples_per_shard]
+        keys = tuple(r["id"] if "label" not in r or group in EVAL_GROUPS
+                     else f"{r['id']}_{int(r['label'])}" for r in chunk)
+        tasks.append(ShardTask(group=group, name=f"{group}-{number:06d}.tar",
+                               ids=tuple(r["id"] for r in chunk),
+                               splits=tuple(r["split"] for r in chunk),
+                               metas=tuple(_sample_meta(r) for r in chunk), keys=keys))
+    return tasks
+
+
+def task_fingerprint(task: ShardTask, settings: dict) -> str:
+    """What a shard's bytes depend on: its planned samples and the writer's settings."""
+    blob = json.dumps({"settings": settings, "keys": task.keys, "metas": task.metas,
+                       "format": SHARD_FORMAT}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class TreeSource:
+    """Images from an extracted GLDv2 tree: `<root>/<split>/<a>/<b>/<c>/<id>.jpg`."""
+
+    def __init__(self, root: Path):
+        self.layout = gldv2.Layout(Path(root))
+
+    def read(self, split: str, image_id: str) -> bytes:
+        return self.layout.image_path(split, image_id).read_bytes()
+
+
+class TarSource:
+    """Images read straight out of the official `<split>/images_XXX.tar` archives.
+
+    The member index (id → archive, offset, size) is built once by scanning the tar headers
+    (no image data is read) and saved as .npy files that worker processes memory-map.
+    """
+
+    def __init__(self, root: Path, index_dir: Path):
+        self.root = Path(root)
+        self.index_dir = Path(index_dir)
+        self._index: dict[str, tuple[np.ndarray, ...]] = {}
+        self._archives: dict[str, list[str]] = {}
+
+    def build_index(self, splits: list[str]) -> None:
+        self.index_dir.mkdir(parents=True, exist_ok=True)
+        for split in splits:
+            archives = sorted((self.root / split).glob("images_*.tar"))
+            if not archives:
+                raise ShardError(f"{self.root / split}: no images_*.tar archives "
+                                 "(params shard.source is 'tar')")
+            ids, which, offsets, sizes = [], [], [], []
+            for number, archive in enumerate(tqdm(archives, desc=f"index {split} tars",
+                                                  unit="tar")):
+                with tarfile.open(archive, "r:") as tar:
+                    for member in tar:
+                        name = os.path.basename(member.name)
+                        if member.isfile() and name.endswith(".jpg"):
+                            ids.append(name[:-4])
+                            which.append(number)
+                            offsets.append(member.offset_data)
+                            sizes.append(member.size)
+            keys = gldv2.hex_to_uint64(ids, f"{self.root / split} (tar member names)")
+            order = np.argsort(keys)
+            np.save(self.index_dir / f"{split}-ids.npy", keys[order])
+            np.save(self.index_dir / f"{split}-tar.npy", np.asarray(which, np.int32)[order])
+            np.save(self.index_dir / f"{split}-offset.npy", np.asarray(offsets, np.int64)[order])
+            np.save(self.index_dir / f"{split}-size.npy", np.asarray(sizes, np.int64)[order])
+            (self.index_dir / f"{split}-archives.json").write_text(
+                json.dumps([str(a) for a in archives]))
+
+    def _load(self, split: str) -> tuple[np.ndarray, ...]:
+        if split not in self._index:
+            self._index[split] = tuple(np.load(self.index_dir / f"{split}-{part}.npy",
+                                               mmap_mode="r")
+                                       for part in ("ids", "tar", "offset", "size"))
+            self._archives[split] = json.loads(
+                (self.index_dir / f"{split}-archives.json").read_text())
+        return self._index[split]
+
+    def read(self, split: str, image_id: str) -> bytes:
+        ids, which, offsets, sizes = self._load(split)
+        key = gldv2.hex_to_uint64([image_id])[0]
+        pos = int(np.searchsorted(ids, key))
+        if pos >= len(ids) or ids[pos] != key:
+            raise FileNotFoundError(f"{image_id} is in no {split}/images_*.tar archive")
+        with open(self._archives[split][int(which[pos])], "rb") as handle:
+            handle.seek(int(offsets[pos]))
+            return handle.read(int(sizes[pos]))
+
+
+# --------------------------------------------------------------------------- images
+
+
+def target_size(width: int, height: int, max_side: int, mode: str) -> tuple[int, int] | None:
+    """The size to downscale to, or None when the image is small enough to keep as it is."""
+    side = min(width, height) if mode == "cover" else max(width, height)
+    if side <= max_side:
+        return None
+    scale = max_side / side
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def prepare_image(data: bytes, max_side: int, mode: str, quality: int) -> tuple[bytes, bool]:
+    """Check that `data` decodes; return (JPEG bytes to store, whether they were re-encoded).
+
+    Raises OSError/ValueError (from PIL) for a corrupt or truncated image.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        orientation = image.getexif().get(0x0112, 1) if image.format == "JPEG" else 1
+        target = target_size(width, height, max_side, mode)
+        if target is None and image.format == "JPEG" and orientation == 1:
+            # Decode at 1/8 scale: every entropy-coded byte is still read, so a truncated or
+            # corrupt file fails here, at a fraction of a full decode's cost.
+            image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            image.load()
+            return data, False
+        if target is not None:
+            image.draft("RGB", target)
+        picture = ImageOps.exif_transpose(image).convert("RGB")
+        if target is not None:
+            if orientation in (5, 6, 7, 8):  # a quarter turn swaps the sides
+                target = target[::-1]
+            picture = picture.resize(target, Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        picture.save(out, format="JPEG", quality=quality)
+        return out.getvalue(), True
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = 0  # fixed metadata: the same samples give the same bytes
+    info.mode = 0o644
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def write_shard(task: ShardTask, out_dir: Path, source, settings: dict) -> dict:
+    """Write one shard atomically; return its info record (also saved beside it)."""
+    group_dir = Path(out_dir) / task.group
+    group_dir.mkdir(parents=True, exist_ok=True)
+    final = group_dir / task.name
+    tmp = group_dir / f".{task.name}.tmp{os.getpid()}"
+    bad, resized, samples = [], 0, 0
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for image_id, split, meta, key in zip(task.ids, task.splits, task.metas, task.keys,
+                                              strict=True):
+            try:
+                data = source.read(split, image_id)
+            except OSError as err:
+                bad.append({"id": image_id, "split": split, "problem": f"missing: {err}"})
+                continue
+            try:
+                data, changed = prepare_image(data, settings["max_side"], settings["resize"],
+                                              settings["jpeg_quality"])
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                bad.append({"id": image_id, "split": split, "problem": f"corrupt: {err}"})
+                continue
+            resized += changed
+            samples += 1
+            _tar_member(tar, f"{key}.jpg", data)
+            _tar_member(tar, f"{key}.json", meta.encode())
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    info = {"file": task.name, "samples": samples, "bytes": tmp.stat().st_size,
+            "sha256": digest, "reencoded": resized, "bad": bad,
+            "fingerprint": task_fingerprint(task, settings)}
+    info_path = group_dir / f"{task.name}.info.json"
+    info_tmp = group_dir / f".{task.name}.info.json.tmp{os.getpid()}"
+    info_tmp.write_text(json.dumps(info, indent=1) + "\n")
+    tmp.replace(final)  # the shard first: an info file never describes a missing shard
+    info_tmp.replace(info_path)
+    return info
+
+
+def finished_info(task: ShardTask, out_dir: Path, settings: dict) -> dict | None:
+    """The info of an already written shard with the same plan and settings, else None."""
+    group_dir = Path(out_dir) / task.group
+    info_path = group_dir / f"{task.name}.info.json"
+    if not (group_dir / task.name).is_file() or not info_path.is_file():
+        return None
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if info.get("fingerprint") != task_fingerprint(task, settings):
+        return None
+    if (group_dir / task.name).stat().st_size != info.get("bytes"):
+        return None
+    return info
+
+
+_WORKER_SOURCE = None
+
+
+def _init_worker(source) -> None:
+    global _WORKER_SOURCE
+    _WORKER_SOURCE = source
+
+
+def _run_task(args: tuple) -> dict:
+    task, out_dir, settings = args
+    return write_shard(task, out_dir, _WORKER_SOURCE, settings)
+
+
+def write_all(tasks: list[ShardTask], out_dir: Path, source, settings: dict, workers: int,
+              progress: bool = True, stop_after: int | None = None) -> dict[str, dict]:
+    """Write every missing shard (in parallel); return the info of every shard by file name.
+
+    `stop_after` simulates an interruption after that many newly written shards (tests).
+    """
+    infos: dict[str, dict] = {}
+    todo = []
+    for task in tasks:
+        info = finished_info(task, out_dir, settings)
+        if info is None:
+            todo.append(task)
+        else:
+            infos[f"{task.group}/{task.name}"] = info
+    if infos:
+        log.info("resuming: %d of %d shards are already complete", len(infos), len(tasks))
+    bar = tqdm(total=sum(len(t.ids) for t in todo), desc="shard", unit="img",
+               disable=not progress)
+    if stop_after is not None:
+        todo = todo[:stop_after]
+    args = [(task, out_dir, settings) for task in todo]
+    if workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(source,)) as pool:
+            for task, info in zip(todo, pool.map(_run_task, args), strict=True):
+                infos[f"{task.group}/{task.name}"] = info
+                bar.update(len(task.ids))
+    else:
+        _init_worker(source)
+        for task, arg in zip(todo, args, strict=True):
+            infos[f"{task.group}/{task.name}"] = _run_task(arg)
+            bar.update(len(task.ids))
+    bar.close()
+    if stop_after is not None:
+        raise KeyboardInterrupt(f"stopped after {stop_after} shards (simulated interruption)")
+    return infos
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def manifest_path(shard_dir: Path, group: str) -> Path:
+    return Path(shard_dir) / group / "manifest.json"
+
+
+def read_manifest(shard_dir: Path, group: str) -> dict:
+    path = manifest_path(shard_dir, group)
+    if not path.is_file():
+        raise ShardError(f"{path}: no manifest; run `glr shard` (dvc repro shard)")
+    return json.loads(path.read_text())
+
+
+def shard_urls(shard_dir: Path, groups: list[str]) -> list[str]:
+    """Paths of every shard of `groups`, from their manifests."""
+    return [str(Path(shard_dir) / group / entry["file"])
+            for group in groups for entry in read_manifest(shard_dir, group)["shards"]]
+
+
+def read_lists(shard_dir: Path) -> dict[str, list[str]]:
+    path = Path(shard_dir) / "lists.json"
+    if not path.is_file():
+        raise ShardError(f"{path}: not found; run `glr shard` (dvc repro shard)")
+    return json.loads(path.read_text())
+
+
+def group_samples(shard_dir: Path, groups: list[str]) -> int:
+    return sum(read_manifest(shard_dir, group)["samples"] for group in groups)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def write_manifests(out_dir: Path, tasks: list[ShardTask], infos: dict[str, dict],
+                    groups_meta: dict[str, dict]) -> dict:
+    """Per-group manifest.json; returns totals for the report."""
+    by_group: dict[str, list[dict]] = {}
+    for task in tasks:
+        info = infos[f"{task.group}/{task.name}"]
+        by_group.setdefault(task.group, []).append(
+            {key: info[key] for key in ("file", "samples", "bytes", "sha256")})
+    for group, shards in by_group.items():
+        manifest = {"group": group, **groups_meta[group],
+                    "samples": sum(s["samples"] for s in shards),
+                    "bytes": sum(s["bytes"] for s in shards), "shards": shards}
+        _write_json(manifest_path(out_dir, group), manifest)
+    return by_group
+
+
+def remove_stale(out_dir: Path, tasks: list[ShardTask]) -> int:
+    """Delete shards, info files and group folders that the current plan no longer has."""
+    wanted_groups = {t.group for t in tasks}
+    wanted = {f"{t.group}/{t.name}" for t in tasks}
+    removed = 0
+    for group_dir in [p for p in Path(out_dir).iterdir() if p.is_dir()]:
+        for path in group_dir.iterdir():
+            name = path.name.removesuffix(".info.json")
+            keep = path.name == "manifest.json" and group_dir.name in wanted_groups
+            if not keep and f"{group_dir.name}/{name}" not in wanted:
+                path.unlink()
+                removed += 1
+        if group_dir.name not in wanted_groups:
+            group_dir.rmdir()
+    return removed
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def plan_all(prepared_dir: Path, params: ShardParams) -> tuple[list[ShardTask], dict, dict]:
+    """All shard tasks from the prepared tables; plus group metadata and the list → groups map."""
+    from glr.prepare import read_list  # the stage reads prepare's artifacts
+
+    prepared_dir = Path(prepared_dir)
+    lists = {name: read_list(prepared_dir / f"{name}.parquet") for name in LIST_INCREMENTS}
+    training = assign_groups(lists)
+    tasks: list[ShardTask] = []
+    groups_meta: dict[str, dict] = {}
+    for group, frame in training.groupby("group", sort=True, observed=True):
+        first = frame.iloc[0]
+        groups_meta[group] = {"increment": first["increment"],
+                              "continent": str(first["continent"]),
+                              "clean": bool(first["increment"] in ("clean", "index", "test"))}
+        columns = ["id", "split", "label", "clean", "country", "continent"]
+        tasks += plan_shards(frame[columns], group, params.samples_per_shard, params.seed)
+    queries = read_list(prepared_dir / "val_queries.parquet").assign(split="test")
+    eval_index = read_list(prepared_dir / "eval_index.parquet").assign(split="index")
+    for group, frame in (("query", queries[["id", "split", "usage"]]),
+                         ("eval_index", eval_index[["id", "split"]])):
+        groups_meta[group] = {"increment": group, "continent": None, "clean": None}
+        tasks += plan_shards(frame, group, params.samples_per_shard, seed=None)
+    return tasks, groups_meta, list_groups(training)
+
+
+def settings_of(params: ShardParams) -> dict:
+    """The writer settings a shard's bytes depend on (part of its fingerprint)."""
+    return {"max_side": params.max_side, "resize": params.resize,
+            "jpeg_quality": params.jpeg_quality}
+
+
+def make_source(params: Params, out_dir: Path, tasks: list[ShardTask]):
+    if params.shard.source == "tree":
+        return TreeSource(Path(params.data.root))
+    source = TarSource(Path(params.data.root), Path(out_dir).parent / ".tar-index")
+    source.build_index(sorted({split for t in tasks for split in t.splits}))
+    return source
+
+
+def main(params: Params, prepared_dir: Path, out_dir: Path, metrics_path: Path,
+         progress: bool = True, stop_after: int | None = None) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks, groups_meta, lists = plan_all(prepared_dir, params.shard)
+    removed = remove_stale(out_dir, tasks)
+    if removed:
+        log.info("removed %d files the current plan no longer has", removed)
+    settings = settings_of(params.shard)
+    log.info("%d shards in %d groups from %s (source: %s)", len(tasks), len(groups_meta),
+             params.data.root, params.shard.source)
+    source = make_source(params, out_dir, tasks)
+    infos = write_all(tasks, out_dir, source, settings, params.shard.workers, progress,
+                      stop_after)
+    write_manifests(out_dir, tasks, infos, groups_meta)
+    _write_json(out_dir / "lists.json", lists)
+
+    planned = sum(len(t.ids) for t in tasks)
+    bad = [entry for info in infos.values() for entry in info["bad"]]
+    totals = {
+        "samples": sum(info["samples"] for info in infos.values()),
+        "planned": planned,
+        "bad": len(bad),
+        "reencoded": sum(info["reencoded"] for info in infos.values()),
+        "bytes": sum(info["bytes"] for info in infos.values()),
+        "shards": len(tasks),
+        "groups": len(groups_meta),
+    }
+    _write_json(out_dir / "report.json", {**totals, "bad_images": bad,
+                                          "settings": asdict(params.shard)})
+    _write_json(Path(metrics_path), totals)
+    fraction = len(bad) / max(1, planned)
+    log.info("%d samples in %d shards (%.1f MB), %d re-encoded, %d bad images skipped",
+             totals["samples"], totals["shards"], totals["bytes"] / 1e6, totals["reencoded"],
+             len(bad))
+    if fraction > params.shard.max_bad_fraction:
+        examples = "; ".join(f"{b['split']}/{b['id']}: {b['problem']}" for b in bad[:5])
+        raise ShardError(f"{len(bad)} of {planned} images ({fraction:.2%}) are missing or "
+                         f"corrupt, more than shard.max_bad_fraction "
+                         f"({params.shard.max_bad_fraction:.2%}); see {out_dir / 'report.json'}"
+                         f"; e.g. {examples}")
+    if bad:
+        log.warning("%d missing or corrupt images skipped (listed in %s)", len(bad),
+                    out_dir / "report.json")
+    return totals

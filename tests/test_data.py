@@ -1,0 +1,194 @@
+"""glr.data: the transforms against torchvision's, and the loaders' splitting and mixing."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from glr import shards
+from glr.data import (
+    EvalTransform,
+    ExtractStream,
+    TrainStream,
+    TrainTransform,
+    decode_resized,
+    hflip,
+    mix,
+    normalize,
+    pad_random_crop,
+    random_erasing,
+    share,
+)
+from glr.data.transforms import MEAN_PIXEL
+
+
+def jpeg(width: int, height: int, seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
+def test_decode_resized_is_square_uint8_chw():
+    image = decode_resized(jpeg(160, 120), 64)
+    assert image.shape == (3, 64, 64) and image.dtype == torch.uint8
+
+
+def test_decode_draft_close_to_full_decode():
+    """Draft decoding (1/2 scale here) changes pixels only a little against a full decode."""
+    data = jpeg(256, 256)
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize(
+        (64, 64), Image.Resampling.BILINEAR), dtype=float)
+    drafted = decode_resized(data, 64).permute(1, 2, 0).numpy().astype(float)
+    assert np.abs(full - drafted).mean() < 12  # random noise images: the hardest case
+
+
+def test_hflip():
+    image = torch.arange(12, dtype=torch.uint8).view(1, 3, 4)
+    assert torch.equal(hflip(image, random.Random(0), p=1.0)[0, 0], torch.tensor([3, 2, 1, 0],
+                                                                                 dtype=torch.uint8))
+    assert torch.equal(hflip(image, random.Random(0), p=0.0), image)
+
+
+def test_pad_random_crop_equals_pad_then_crop():
+    image = torch.randint(1, 255, (3, 12, 10), dtype=torch.uint8)
+    pad = 3
+    padded = torch.nn.functional.pad(image, (pad, pad, pad, pad))
+    for seed in range(20):
+        rng = random.Random(seed)
+        out = pad_random_crop(image, pad, rng)
+        check = random.Random(seed)
+        dy, dx = check.randint(-pad, pad), check.randint(-pad, pad)
+        top, left = dy + pad, dx + pad
+        assert torch.equal(out, padded[:, top: top + 12, left: left + 10])
+
+
+def test_random_erasing_area_aspect_and_fill():
+    rng = random.Random(0)
+    areas = []
+    for _ in range(200):
+        image = torch.zeros(3, 64, 64, dtype=torch.uint8)
+        out = random_erasing(image, rng)
+        mask = (out != 0).any(0)
+        areas.append(mask.float().mean().item())
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        box = out[:, ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
+        assert (box == torch.tensor(MEAN_PIXEL, dtype=torch.uint8).view(3, 1, 1)).all()
+    assert min(areas) >= 0.015 and max(areas) <= 0.21
+
+
+def test_erased_mean_pixel_normalizes_to_zero():
+    erased = torch.tensor(MEAN_PIXEL, dtype=torch.uint8).view(1, 3, 1, 1)
+    assert normalize(erased).abs().max() < 0.01
+
+
+def test_normalize_equals_torchvision():
+    image = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    reference = T.Normalize((0.485, 0.456, 0.406), (0.2235,) * 3)(image.float() / 255)
+    assert torch.allclose(normalize(image), reference, atol=1e-5)
+
+
+def test_train_transform_output():
+    out = TrainTransform(size=48, pad=4)(jpeg(160, 120), random.Random(1))
+    assert out.shape == (3, 48, 48) and out.dtype == torch.uint8
+
+
+def test_share_splits_exactly():
+    assert [share(10, p, 4) for p in range(4)] == [3, 3, 2, 2]
+    assert sum(share(1001, p, 7) for p in range(7)) == 1001
+
+
+def test_mix_proportions():
+    def endless(value):
+        while True:
+            yield value
+
+    stream = mix([endless("a"), endless("b"), endless("c")], [0.5, 0.3, 0.2], random.Random(3))
+    draws = Counter(next(stream) for _ in range(100_000))
+    assert abs(draws["a"] / 100_000 - 0.5) < 0.02
+    assert abs(draws["b"] / 100_000 - 0.3) < 0.02
+    assert abs(draws["c"] / 100_000 - 0.2) < 0.02
+
+
+@pytest.fixture(scope="module")
+def shard_dir(small_pipeline, tmp_path_factory):
+    params, prepared = small_pipeline
+    out = tmp_path_factory.mktemp("data") / "shards"
+    shards.main(params, prepared, out, out.parent / "m.json", progress=False)
+    return out
+
+
+def _collect(dataset, rank, world, monkeypatch, workers=2):
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
+    return [item[1] for item in loader]
+
+
+def test_extraction_splits_disjointly_over_2_ranks_and_2_workers(shard_dir, monkeypatch):
+    dataset = ExtractStream(shard_dir, ["eval_index"], EvalTransform(32))
+    parts = [_collect(dataset, rank, 2, monkeypatch) for rank in range(2)]
+    everything = _collect(dataset, 0, 1, monkeypatch, workers=0)
+    assert len(everything) == dataset.total
+    assert sorted(parts[0] + parts[1]) == sorted(everything)
+    assert not set(parts[0]) & set(parts[1]) and all(parts)
+
+
+def _keys(dataset, rank, world, monkeypatch):
+    """Sample keys (id, label) per rank, via labels and a transform that returns the bytes."""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+    return [(bytes(image.numpy()), label) for image, label in loader]
+
+
+def _raw(data, rng):
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def test_training_epoch_ranks_and_workers_draw_disjoint_samples(shard_dir, monkeypatch):
+    groups = shards.read_lists(shard_dir)["full"]
+    total = shards.group_samples(shard_dir, groups)
+    dataset = TrainStream(shard_dir, groups, _raw, samples_per_epoch=total // 2, seed=5)
+    rank0 = _keys(dataset, 0, 2, monkeypatch)
+    rank1 = _keys(dataset, 1, 2, monkeypatch)
+    assert len(rank0) == share(total // 2, 0, 2) and len(rank1) == share(total // 2, 1, 2)
+    assert len(set(rank0)) == len(rank0) and not set(rank0) & set(rank1)
+    assert _keys(dataset, 0, 2, monkeypatch) == rank0  # same seed and epoch: same stream
+    dataset.set_epoch(1)
+    assert _keys(dataset, 0, 2, monkeypatch) != rank0
+
+
+def test_training_mix_follows_group_probabilities(shard_dir, monkeypatch):
+    lists = shards.read_lists(shard_dir)
+    groups = ["clean-asia", "c2x_extra-asia"]
+    assert set(groups) <= set(lists["c2x"])
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    dataset = TrainStream(shard_dir, groups, _raw, samples_per_epoch=3000,
+                          probs=[0.66, 0.34], seed=1, shuffle_buffer=20)
+    clean_ids = _group_keys(shard_dir, groups[0])
+    samples = [(bytes(image.numpy()), label) for image, label in dataset]
+    share_clean = sum(key in clean_ids for key in samples) / len(samples)
+    assert len(samples) == 3000 and abs(share_clean - 0.66) < 0.03
+
+
+def _group_keys(shard_dir, group):
+    """(jpg bytes, label) of every sample of a group."""
+    keys = set()
+    for url in shards.shard_urls(shard_dir, [group]):
+        with tarfile.open(url) as tar:
+            members = tar.getmembers()
+            for jpg, meta in zip(members[0::2], members[1::2], strict=True):
+                label = json.loads(tar.extractfile(meta).read())["label"]
+                keys.add((tar.extractfile(jpg).read(), label))
+    return keys

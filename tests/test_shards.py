@@ -1,0 +1,219 @@
+"""`glr shard`: round trip, groups, resume, bad images, pre-resizing, tar sources."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from glr import prepare, shards
+from glr.gldv2 import Layout, image_relpath
+from glr.params import Params
+
+
+def with_shard(params: Params, **changes) -> Params:
+    return dataclasses.replace(params, shard=dataclasses.replace(params.shard, **changes))
+
+
+def with_root(params: Params, root: Path) -> Params:
+    return dataclasses.replace(params, data=dataclasses.replace(params.data, root=str(root)))
+
+
+def read_group(shard_dir: Path, group: str) -> list[tuple[str, bytes, dict]]:
+    """(key, jpg bytes, meta) of every sample of a group, via its manifest."""
+    samples = []
+    for url in shards.shard_urls(shard_dir, [group]):
+        with tarfile.open(url) as tar:
+            members = tar.getmembers()
+            for jpg, meta in zip(members[0::2], members[1::2], strict=True):
+                assert jpg.name[:-4] == meta.name[:-5]
+                samples.append((jpg.name[:-4], tar.extractfile(jpg).read(),
+                                json.loads(tar.extractfile(meta).read())))
+    return samples
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """sha256 of shards, info files, manifests and lists (report.json records the settings)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "report.json"}
+
+
+@pytest.fixture(scope="module")
+def sharded(small_pipeline, tmp_path_factory):
+    params, prepared = small_pipeline
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    totals = shards.main(params, prepared, out, out.parent / "shard.json", progress=False)
+    return params, prepared, out, totals
+
+
+def test_every_image_once_with_its_metadata(sharded):
+    params, prepared, out, totals = sharded
+    all_list = prepare.read_list(prepared / "all.parquet")
+    expected = all_list[all_list["label"] >= 0]
+    lists = shards.read_lists(out)
+    found = [meta for group in lists["all"] for _, _, meta in read_group(out, group)]
+    got = pd.DataFrame(found)[["id", "label", "clean", "country", "continent", "split"]]
+    want = expected[["id", "label", "clean", "country", "continent", "split"]].astype(
+        {"country": str, "continent": str, "split": str})
+    key = ["id", "label"]
+    assert len(got) == len(want) and not got.duplicated(key).any()
+    merged = want.merge(got, on=key, suffixes=("", "_shard"))
+    assert len(merged) == len(want)
+    for column in ("clean", "country", "continent", "split"):
+        assert (merged[column] == merged[f"{column}_shard"]).all(), column
+    # the image bytes are the source JPEG's (all mini images are small: copied as they are)
+    root = Layout(Path(params.data.root))
+    _, data, meta = read_group(out, lists["clean"][0])[0]
+    assert data == (root.root / image_relpath(meta["split"], meta["id"])).read_bytes()
+    assert totals["samples"] == totals["planned"] and totals["bad"] == 0
+
+
+def test_group_union_equals_each_list(sharded):
+    _, prepared, out, _ = sharded
+    lists = shards.read_lists(out)
+    for name in ("clean", "c2x", "full", "all"):
+        frame = prepare.read_list(prepared / f"{name}.parquet")
+        frame = frame[frame["label"] >= 0]
+        pairs = {(m["id"], m["label"]) for g in lists[name] for _, _, m in read_group(out, g)}
+        assert pairs == set(zip(frame["id"], frame["label"], strict=True)), name
+        manifests = [shards.read_manifest(out, g) for g in lists[name]]
+        assert sum(m["samples"] for m in manifests) == len(frame)
+    assert lists["reference"] == lists["all"]
+    # groups are per increment and continent; the clean ones hold only clean images
+    for group in lists["all"]:
+        manifest = shards.read_manifest(out, group)
+        metas = [m for _, _, m in read_group(out, group)]
+        assert {m["continent"] for m in metas} == {manifest["continent"]}
+        assert {m["clean"] for m in metas} == {manifest["clean"]}
+
+
+def test_query_and_eval_index_groups(sharded):
+    _, prepared, out, _ = sharded
+    queries = prepare.read_list(prepared / "val_queries.parquet")
+    got = [m for _, _, m in read_group(out, "query")]
+    assert [m["id"] for m in got] == queries["id"].tolist()  # in prepared order
+    assert {m["usage"] for m in got} <= {"Public", "Private"}
+    index = prepare.read_list(prepared / "eval_index.parquet")
+    assert [m["id"] for _, _, m in read_group(out, "eval_index")] == index["id"].tolist()
+
+
+def test_manifest_records_match_files(sharded):
+    _, _, out, _ = sharded
+    manifest = shards.read_manifest(out, "eval_index")
+    for entry in manifest["shards"]:
+        data = (out / "eval_index" / entry["file"]).read_bytes()
+        assert entry["bytes"] == len(data)
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert manifest["samples"] == sum(e["samples"] for e in manifest["shards"])
+
+
+def test_resume_after_interruption_gives_identical_shards(sharded, tmp_path):
+    params, prepared, out, _ = sharded
+    resumed = tmp_path / "shards"
+    with pytest.raises(KeyboardInterrupt):
+        shards.main(params, prepared, resumed, tmp_path / "m.json", progress=False,
+                    stop_after=3)
+    written = {p: p.stat().st_mtime_ns for p in resumed.rglob("*.tar")}
+    assert len(written) == 3
+    group_dir = next(p for p in resumed.iterdir() if p.is_dir())
+    (group_dir / f".{group_dir.name}-000009.tar.tmp123").write_bytes(b"half a shard")
+    shards.main(with_shard(params, workers=2), prepared, resumed, tmp_path / "m.json",
+                progress=False)
+    assert digest(resumed) == digest(out)  # byte-identical, whatever the worker count
+    assert all(p.stat().st_mtime_ns == t for p, t in written.items())  # kept, not rewritten
+
+
+def test_changed_settings_rewrite_and_remove_stale(sharded, tmp_path):
+    params, prepared, out, _ = sharded
+    copy = tmp_path / "shards"
+    shutil.copytree(out, copy)
+    shards.main(with_shard(params, samples_per_shard=25), prepared, copy, tmp_path / "m.json",
+                progress=False)
+    manifest = shards.read_manifest(copy, "eval_index")
+    assert all(e["samples"] <= 25 for e in manifest["shards"])
+    files = sorted(p.name for p in (copy / "eval_index").glob("*.tar"))
+    assert files == sorted(e["file"] for e in manifest["shards"])
+
+
+def test_missing_and_corrupt_images_are_skipped_and_reported(small_pipeline, tmp_path):
+    params, prepared = small_pipeline
+    root = tmp_path / "mini"
+    shutil.copytree(params.data.root, root)
+    index = prepare.read_list(prepared / "eval_index.parquet")["id"].tolist()
+    layout = Layout(root)
+    layout.image_path("index", index[0]).unlink()
+    corrupt = layout.image_path("index", index[1])
+    corrupt.write_bytes(corrupt.read_bytes()[: len(corrupt.read_bytes()) // 3])
+    params = with_shard(with_root(params, root), max_bad_fraction=0.5)
+    out = tmp_path / "shards"
+    totals = shards.main(params, prepared, out, tmp_path / "m.json", progress=False)
+    report = json.loads((out / "report.json").read_text())
+    problems = {b["id"]: b["problem"] for b in report["bad_images"]}
+    assert problems[index[0]].startswith("missing")
+    assert problems[index[1]].startswith("corrupt")
+    assert totals["samples"] == totals["planned"] - totals["bad"]
+    ids = [m["id"] for _, _, m in read_group(out, "eval_index")]
+    assert index[0] not in ids and index[1] not in ids and len(ids) == len(index) - 2
+
+    with pytest.raises(shards.ShardError, match=r"are missing or corrupt, more than "
+                                                r"shard\.max_bad_fraction.*report\.json"):
+        shards.main(with_shard(params, max_bad_fraction=0.0), prepared, out,
+                    tmp_path / "m.json", progress=False)
+
+
+def _jpeg(size: tuple[int, int], exif_orientation: int | None = None) -> bytes:
+    image = Image.new("RGB", size, (200, 10, 10))
+    image.paste((10, 200, 10), (0, 0, size[0] // 2, size[1]))
+    out = io.BytesIO()
+    exif = Image.Exif()
+    if exif_orientation:
+        exif[0x0112] = exif_orientation
+    image.save(out, format="JPEG", quality=90, exif=exif)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("cover", (133, 100)), ("fit", (100, 75))])
+def test_large_images_are_shrunk_small_ones_copied(mode, expected):
+    large = _jpeg((800, 600))
+    data, changed = shards.prepare_image(large, 100, mode, 90)
+    assert changed and Image.open(io.BytesIO(data)).size == expected
+    small = _jpeg((90, 60))
+    assert shards.prepare_image(small, 100, mode, 90) == (small, False)
+
+
+def test_exif_rotated_image_is_stored_upright():
+    data, changed = shards.prepare_image(_jpeg((80, 40), exif_orientation=6), 512, "cover", 90)
+    assert changed and Image.open(io.BytesIO(data)).size == (40, 80)
+
+
+def test_non_jpeg_is_reencoded_as_jpeg():
+    out = io.BytesIO()
+    Image.new("RGB", (30, 20)).save(out, format="PNG")
+    data, changed = shards.prepare_image(out.getvalue(), 512, "cover", 90)
+    assert changed and Image.open(io.BytesIO(data)).format == "JPEG"
+
+
+def test_official_tar_archives_as_source(sharded, tmp_path):
+    """GLDv2 as distributed (images_XXX.tar per split) gives the same shards as the tree."""
+    params, prepared, out, _ = sharded
+    root = tmp_path / "gldv2"
+    source = Path(params.data.root)
+    for split in ("train", "index", "test"):
+        (root / split).mkdir(parents=True)
+        images = sorted((source / split).rglob("*.jpg"))
+        for number in range(2):
+            with tarfile.open(root / split / f"images_{number:03d}.tar", "w") as tar:
+                for path in images[number::2]:
+                    tar.add(path, arcname=str(path.relative_to(source / split)))
+    from_tars = tmp_path / "shards"
+    params = with_shard(with_root(params, root), source="tar")
+    shards.main(params, prepared, from_tars, tmp_path / "m.json", progress=False)
+    assert digest(from_tars) == digest(out)
