@@ -67,6 +67,13 @@ def cmd_bench_prepare(args: argparse.Namespace) -> None:
     bench_prepare.main(scale=args.scale, out=args.out, workdir=args.workdir)
 
 
+def cmd_bench_loader(args: argparse.Namespace) -> None:
+    from glr.bench import loader as bench_loader
+
+    bench_loader.main(out=args.out, image_size=args.image_size, count=args.images,
+                      rounds=args.rounds, workdir=args.workdir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="glr",
@@ -139,6 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench_prep.add_argument("--workdir", type=Path, default=None,
                             help="where the generated CSVs go (default: a temporary folder)")
     bench_prep.set_defaults(func=cmd_bench_prepare)
+
+    bench_load = benches.add_parser(
+        "loader", help="training-loader images/s per core: glr shards vs the authors' way",
+        description="Generate GLDv2-like photos, shard them (resize cover and fit), then time "
+                    "glr's training stream (draft decode, uint8 augmentation, batched "
+                    "normalization) against an authors'-style loader (cv2.imread + cv2.resize "
+                    "of the original JPEG + torchvision transforms) on one core, at sizes 256 "
+                    "and 512, in alternating rounds. Writes OUT.")
+    bench_load.add_argument("--out", type=Path, default=Path("metrics/bench/loader.json"),
+                            help="result file (default: %(default)s)")
+    bench_load.add_argument("--image-size", type=_image_size, default=(800, 600),
+                            metavar="WxH", help="generated photo size (default: 800x600)")
+    bench_load.add_argument("--images", type=int, default=256,
+                            help="images per loader per round (default: %(default)s)")
+    bench_load.add_argument("--rounds", type=int, default=3,
+                            help="alternating rounds; medians are reported (default: 3)")
+    bench_load.add_argument("--workdir", type=Path, default=None,
+                            help="where the generated data goes (default: a temporary folder)")
+    bench_load.set_defaults(func=cmd_bench_loader)
     return parser
 
 

@@ -112,9 +112,10 @@ class ShardParams:
         "tree", help="tree: extracted <split>/a/b/c/<id>.jpg; tar: official images_XXX.tar")
     max_side: int = _spec(512, min=32, max=8192,
                           help="largest training/extraction size; bigger images are shrunk")
-    resize: Literal["cover", "fit"] = _spec(
-        "cover", help="cover: shorter side to max_side (lossless for a square resize); "
-                      "fit: longer side to max_side (smaller, faster)")
+    resize: Literal["square", "cover", "fit"] = _spec(
+        "square", help="square: each side clamped to max_side (lossless for the recipe's "
+                       "square resize; smallest); cover: aspect kept, shorter side to max_side "
+                       "(lossless); fit: aspect kept, longer side to max_side (lossy)")
     jpeg_quality: int = _spec(95, min=1, max=100, help="quality of re-encoded images")
     samples_per_shard: int = _spec(100, min=1, help="GLDv2: about 1000")
     workers: int = _spec(2, min=1, max=256, help="writer processes")

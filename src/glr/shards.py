@@ -24,11 +24,10 @@ fingerprint of its plan and settings); a rerun keeps every shard whose fingerpri
 and writes only the rest. Per group, `manifest.json` lists shard files, sample counts, bytes and
 sha256; `lists.json` says which groups make each list; `report.json` lists skipped images.
 
-Pre-resizing: an image whose sides exceed what training at `max_side` needs is downscaled and
-re-encoded (`resize: cover` keeps the shorter side at max_side, so the later square resize loses
-nothing; `fit` keeps the longer side at max_side, smaller and faster but the square resize then
-upsamples the shorter side). Other JPEGs are copied byte for byte; EXIF-rotated or non-JPEG
-images are re-encoded upright as JPEG.
+Pre-resizing: an image with a side longer than training at `max_side` needs is downscaled and
+re-encoded (see `target_size`: `square`, the default, clamps each side to max_side, which the
+recipe's square resize makes lossless; `cover` and `fit` keep the aspect ratio). Other JPEGs are
+copied byte for byte; EXIF-rotated or non-JPEG images are re-encoded upright as JPEG.
 """
 
 from __future__ import annotations
@@ -241,7 +240,17 @@ class TarSource:
 
 
 def target_size(width: int, height: int, max_side: int, mode: str) -> tuple[int, int] | None:
-    """The size to downscale to, or None when the image is small enough to keep as it is."""
+    """The size to downscale to, or None when the image is small enough to keep as it is.
+
+    square: each side clamped to max_side on its own (800×600 → 512×512 at 512): exactly what
+            the recipe's square resize to any size ≤ max_side needs, so nothing it uses is lost.
+    cover:  aspect kept, shorter side → max_side (800×600 → 683×512): lossless as well.
+    fit:    aspect kept, longer side → max_side (800×600 → 512×384): the square resize then
+            upsamples the shorter side, i.e. loses resolution there.
+    """
+    if mode == "square":
+        target = (min(width, max_side), min(height, max_side))
+        return None if target == (width, height) else target
     side = min(width, height) if mode == "cover" else max(width, height)
     if side <= max_side:
         return None

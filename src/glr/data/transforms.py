@@ -31,7 +31,9 @@ def decode_resized(data: bytes, size: int) -> torch.Tensor:
     """
     with Image.open(io.BytesIO(data)) as image:
         image.draft("RGB", (size, size))
-        image = image.convert("RGB")
+        image.load()
+        if image.mode != "RGB":  # grey or CMYK JPEGs
+            image = image.convert("RGB")
         if image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BILINEAR)
         array = np.array(image)  # writable copy: torch tensors must own writable memory
@@ -49,11 +51,18 @@ def pad_random_crop(image: torch.Tensor, pad: int, rng: random.Random) -> torch.
         return image
     _, height, width = image.shape
     dy, dx = rng.randint(-pad, pad), rng.randint(-pad, pad)  # crop offset minus pad
-    out = torch.zeros_like(image)
+    if dy == dx == 0:
+        return image
+    out = torch.empty_like(image)
     src_y, dst_y = max(0, dy), max(0, -dy)
     src_x, dst_x = max(0, dx), max(0, -dx)
     h, w = height - abs(dy), width - abs(dx)
     out[:, dst_y: dst_y + h, dst_x: dst_x + w] = image[:, src_y: src_y + h, src_x: src_x + w]
+    # zero only the uncovered border strips
+    out[:, :dst_y].zero_()
+    out[:, dst_y + h:].zero_()
+    out[:, :, :dst_x].zero_()
+    out[:, :, dst_x + w:].zero_()
     return out
 
 
@@ -61,7 +70,8 @@ def random_erasing(image: torch.Tensor, rng: random.Random, p: float = 1.0,
                    scale: tuple[float, float] = (0.02, 0.2),
                    ratio: tuple[float, float] = (0.3, 3.3),
                    fill: tuple[int, ...] = MEAN_PIXEL) -> torch.Tensor:
-    """Erase one random rectangle (torchvision's sampling: 10 tries of area and aspect)."""
+    """Erase one random rectangle in place (torchvision's sampling: 10 tries of area and
+    aspect)."""
     if rng.random() >= p:
         return image
     _, height, width = image.shape
@@ -74,18 +84,27 @@ def random_erasing(image: torch.Tensor, rng: random.Random, p: float = 1.0,
         w = round(math.sqrt(erase_area / aspect))
         if h < height and w < width:
             top, left = rng.randint(0, height - h), rng.randint(0, width - w)
-            image = image.clone()
             image[:, top: top + h, left: left + w] = torch.tensor(
                 fill, dtype=image.dtype).view(-1, 1, 1)
             return image
     return image
 
 
-def normalize(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) → float32 normalized with the recipe's mean and std, batched."""
-    mean = torch.tensor(MEAN, device=batch.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=batch.device).view(1, 3, 1, 1) * 255
-    return (batch.float() - mean) / std
+def normalize(batch: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (B, 3, H, W) → float32 normalized with the recipe's mean and std, batched.
+
+    (x/255 − mean)/std as x·a − b: one conversion, then two in-place passes (faster on the CPU
+    than a fused addcmul with broadcast factors). `out`, a float32 buffer of the same shape,
+    saves the allocation (and its page faults) on the CPU.
+    """
+    scale = torch.tensor([1 / (255 * s) for s in STD], device=batch.device).view(1, 3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(MEAN, STD, strict=True)],
+                         device=batch.device).view(1, 3, 1, 1)
+    if out is None:
+        out = batch.float()
+    else:
+        out.copy_(batch)
+    return out.mul_(scale).sub_(shift)
 
 
 @dataclass(frozen=True)
