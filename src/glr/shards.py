@@ -78,30 +78,28 @@ def group_name(increment: str, continent: str) -> str:
     return f"{increment}-{continent_slug(continent)}"
 
 
-def _pairs(frame: pd.DataFrame) -> pd.MultiIndex:
-    return pd.MultiIndex.from_arrays([frame["id"], frame["label"]])
+def assign_groups(all_list: pd.DataFrame, num_clean_labels: int) -> pd.DataFrame:
+    """The labelled rows of `all`, each with its increment and group; vectorized.
 
-
-def assign_groups(lists: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Training rows, each with its increment: the disjoint pieces the lists are unions of.
-
-    Input: the prepared lists (columns id, split, label, clean, country, continent). Rows are
-    identified by (id, label); an image in `all` twice (two labels) is two samples.
+    `all` holds every training image (one row per image and label); prepare's rules make the
+    increments readable from each row: a train image with a clean landmark's label is in
+    `clean` if its clean flag is set (it is in that landmark's clean list) and a `c2x` extra
+    otherwise; a train image with a later label is a `full` extra; index and test rows are
+    their split.
     """
-    pieces = []
-    seen = pd.MultiIndex.from_arrays([[], []])
-    for increment, frame in (("clean", lists["clean"]), ("c2x_extra", lists["c2x"]),
-                             ("full_extra", lists["full"])):
-        new = frame[~_pairs(frame).isin(seen)]
-        pieces.append(new.assign(increment=increment))
-        seen = seen.append(_pairs(new))
-    rest = lists["all"][(lists["all"]["label"] >= 0) & ~_pairs(lists["all"]).isin(seen)]
-    for split in ("index", "test"):
-        pieces.append(rest[rest["split"] == split].assign(increment=split))
-    groups = pd.concat(pieces, ignore_index=True)
-    groups["group"] = [group_name(i, c) for i, c in
-                       zip(groups["increment"], groups["continent"].astype(str), strict=True)]
-    return groups
+    rows = all_list[all_list["label"] >= 0].reset_index(drop=True)
+    split = rows["split"].astype(str).to_numpy()
+    label = rows["label"].to_numpy()
+    clean = rows["clean"].to_numpy(dtype=bool)
+    increment = np.select(
+        [(split == "train") & (label < num_clean_labels) & clean,
+         (split == "train") & (label < num_clean_labels),
+         split == "train", split == "index"],
+        ["clean", "c2x_extra", "full_extra", "index"], default="test")
+    continent = rows["continent"].astype(str)
+    rows["increment"] = increment
+    rows["group"] = pd.Series(increment, index=rows.index) + "-" + continent.map(continent_slug)
+    return rows
 
 
 def list_groups(groups: pd.DataFrame) -> dict[str, list[str]]:
@@ -115,25 +113,33 @@ def list_groups(groups: pd.DataFrame) -> dict[str, list[str]]:
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One shard to write: its group, file name and planned samples."""
+    """One shard to write: its group, file name and planned samples (a table slice)."""
 
     group: str
     name: str
-    ids: tuple[str, ...]
-    splits: tuple[str, ...]
-    metas: tuple[str, ...]  # the JSON of each sample
-    keys: tuple[str, ...]
+    rows: pd.DataFrame  # id, split, and the metadata columns stored with each sample
 
+    def keys(self) -> list[str]:
+        """Sample keys: the id, plus the label in training groups (an image can carry two)."""
+        ids = self.rows["id"].astype(str)
+        if "label" not in self.rows or self.group in EVAL_GROUPS:
+            return ids.tolist()
+        return (ids + "_" + self.rows["label"].astype(str)).tolist()
 
-def _sample_meta(row: dict) -> str:
-    meta = {"id": row["id"], "split": row["split"]}
-    for column in ("label", "clean"):
-        if column in row:
-            meta[column] = int(row[column]) if column == "label" else bool(row[column])
-    for column in ("country", "continent", "usage"):
-        if column in row:
-            meta[column] = str(row[column])
-    return json.dumps(meta, sort_keys=True)
+    def metas(self) -> list[str]:
+        """The JSON stored with each sample."""
+        columns = {}
+        for name in self.rows.columns:
+            values = self.rows[name]
+            if name == "label":
+                columns[name] = values.astype(int).tolist()
+            elif name == "clean":
+                columns[name] = values.astype(bool).tolist()
+            else:
+                columns[name] = values.astype(str).tolist()
+        names = sorted(columns)
+        return [json.dumps(dict(zip(names, values, strict=True)), sort_keys=True)
+                for values in zip(*(columns[n] for n in names), strict=True)]
 
 
 def plan_shards(frame: pd.DataFrame, group: str, samples_per_shard: int,
@@ -141,26 +147,22 @@ def plan_shards(frame: pd.DataFrame, group: str, samples_per_shard: int,
     """Cut one group's rows into shard tasks (shuffled with `seed`, or in order if None)."""
     if seed is not None:
         digest = int(hashlib.sha256(group.encode()).hexdigest()[:8], 16)
-        order = np.random.default_rng([seed, digest]).permutation(len(frame))
-        frame = frame.iloc[order]
-    records = frame.to_dict("records")
-    tasks = []
-    for number, start in enumerate(range(0, len(records), samples_per_shard)):
-        chunk = records[start: start + samples_per_shard]
-        keys = tuple(r["id"] if "label" not in r or group in EVAL_GROUPS
-                     else f"{r['id']}_{int(r['label'])}" for r in chunk)
-        tasks.append(ShardTask(group=group, name=f"{group}-{number:06d}.tar",
-                               ids=tuple(r["id"] for r in chunk),
-                               splits=tuple(r["split"] for r in chunk),
-                               metas=tuple(_sample_meta(r) for r in chunk), keys=keys))
-    return tasks
+        frame = frame.iloc[np.random.default_rng([seed, digest]).permutation(len(frame))]
+    frame = frame.reset_index(drop=True)
+    return [ShardTask(group=group, name=f"{group}-{number:06d}.tar",
+                      rows=frame.iloc[start: start + samples_per_shard])
+            for number, start in enumerate(range(0, len(frame), samples_per_shard))]
 
 
 def task_fingerprint(task: ShardTask, settings: dict) -> str:
     """What a shard's bytes depend on: its planned samples and the writer's settings."""
-    blob = json.dumps({"settings": settings, "keys": task.keys, "metas": task.metas,
-                       "format": SHARD_FORMAT}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps({"settings": settings, "format": SHARD_FORMAT,
+                                        "columns": list(task.rows.columns)},
+                                       sort_keys=True).encode())
+    rows = task.rows.astype({c: str for c in ("split", "country", "continent", "usage")
+                             if c in task.rows})
+    digest.update(pd.util.hash_pandas_object(rows, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- sources
@@ -304,8 +306,9 @@ def write_shard(task: ShardTask, out_dir: Path, source, settings: dict) -> dict:
     final = group_dir / task.name
     tmp = group_dir / f".{task.name}.tmp{os.getpid()}"
     bad, resized, samples = [], 0, 0
+    ids, splits = task.rows["id"].astype(str).tolist(), task.rows["split"].astype(str).tolist()
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for image_id, split, meta, key in zip(task.ids, task.splits, task.metas, task.keys,
+        for image_id, split, meta, key in zip(ids, splits, task.metas(), task.keys(),
                                               strict=True):
             try:
                 data = source.read(split, image_id)
@@ -380,7 +383,7 @@ def write_all(tasks: list[ShardTask], out_dir: Path, source, settings: dict, wor
             infos[f"{task.group}/{task.name}"] = info
     if infos:
         log.info("resuming: %d of %d shards are already complete", len(infos), len(tasks))
-    bar = tqdm(total=sum(len(t.ids) for t in todo), desc="shard", unit="img",
+    bar = tqdm(total=sum(len(t.rows) for t in todo), desc="shard", unit="img",
                disable=not progress)
     if stop_after is not None:
         todo = todo[:stop_after]
@@ -389,12 +392,12 @@ def write_all(tasks: list[ShardTask], out_dir: Path, source, settings: dict, wor
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(source,)) as pool:
             for task, info in zip(todo, pool.map(_run_task, args), strict=True):
                 infos[f"{task.group}/{task.name}"] = info
-                bar.update(len(task.ids))
+                bar.update(len(task.rows))
     else:
         _init_worker(source)
         for task, arg in zip(todo, args, strict=True):
             infos[f"{task.group}/{task.name}"] = _run_task(arg)
-            bar.update(len(task.ids))
+            bar.update(len(task.rows))
     bar.close()
     if stop_after is not None:
         raise KeyboardInterrupt(f"stopped after {stop_after} shards (simulated interruption)")
@@ -479,16 +482,24 @@ def plan_all(prepared_dir: Path, params: ShardParams) -> tuple[list[ShardTask], 
     from glr.prepare import read_list  # the stage reads prepare's artifacts
 
     prepared_dir = Path(prepared_dir)
-    lists = {name: read_list(prepared_dir / f"{name}.parquet") for name in LIST_INCREMENTS}
-    training = assign_groups(lists)
+    # clean labels are 0..n-1, the rows of train_clean.csv
+    num_clean = int(pd.read_parquet(prepared_dir / "clean.parquet", columns=["label"])
+                    ["label"].max()) + 1
+    training = assign_groups(read_list(prepared_dir / "all.parquet"), num_clean)
+    clean_rows = len(pd.read_parquet(prepared_dir / "clean.parquet", columns=["label"]))
+    clean_group_rows = int((training["increment"] == "clean").sum())
+    if clean_group_rows != clean_rows:
+        log.warning("train_clean.csv lists %d images but %d of them are train.csv rows of "
+                    "their landmark; the clean groups hold the latter",
+                    clean_rows, clean_group_rows)
     tasks: list[ShardTask] = []
     groups_meta: dict[str, dict] = {}
+    columns = ["id", "split", "label", "clean", "country", "continent"]
     for group, frame in training.groupby("group", sort=True, observed=True):
-        first = frame.iloc[0]
-        groups_meta[group] = {"increment": first["increment"],
-                              "continent": str(first["continent"]),
-                              "clean": bool(first["increment"] in ("clean", "index", "test"))}
-        columns = ["id", "split", "label", "clean", "country", "continent"]
+        increment = str(frame["increment"].iloc[0])
+        groups_meta[group] = {"increment": increment,
+                              "continent": str(frame["continent"].iloc[0]),
+                              "clean": increment in ("clean", "index", "test")}
         tasks += plan_shards(frame[columns], group, params.samples_per_shard, params.seed)
     queries = read_list(prepared_dir / "val_queries.parquet").assign(split="test")
     eval_index = read_list(prepared_dir / "eval_index.parquet").assign(split="index")
@@ -509,7 +520,7 @@ def make_source(params: Params, out_dir: Path, tasks: list[ShardTask]):
     if params.shard.source == "tree":
         return TreeSource(Path(params.data.root))
     source = TarSource(Path(params.data.root), Path(out_dir).parent / ".tar-index")
-    source.build_index(sorted({split for t in tasks for split in t.splits}))
+    source.build_index(sorted({split for t in tasks for split in t.rows["split"].unique()}))
     return source
 
 
@@ -530,7 +541,7 @@ def main(params: Params, prepared_dir: Path, out_dir: Path, metrics_path: Path,
     write_manifests(out_dir, tasks, infos, groups_meta)
     _write_json(out_dir / "lists.json", lists)
 
-    planned = sum(len(t.ids) for t in tasks)
+    planned = sum(len(t.rows) for t in tasks)
     bad = [entry for info in infos.values() for entry in info["bad"]]
     totals = {
         "samples": sum(info["samples"] for info in infos.values()),
