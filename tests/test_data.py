@@ -144,24 +144,39 @@ def test_extraction_splits_disjointly_over_2_ranks_and_2_workers(shard_dir, monk
 
 
 def _keys(dataset, rank, world, monkeypatch):
-    """Sample keys (id, label) per rank, via labels and a transform that returns the bytes."""
+    """Sample keys (jpg bytes, label) per rank; the transform returns the bytes, padded."""
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", str(world))
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
-    return [(bytes(image.numpy()), label) for image, label in loader]
+    return [(_unpad(image), int(label)) for images, labels in loader
+            for image, label in zip(images, labels, strict=True)]
+
+
+RAW = 40_000  # bytes: more than any tiny test JPEG
 
 
 def _raw(data, rng):
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    """A 'transform' that keeps the JPEG bytes, zero-padded so that a batch can be stacked."""
+    out = torch.zeros(RAW + 4, dtype=torch.uint8)
+    out[:4] = torch.tensor(list(len(data).to_bytes(4, "big")), dtype=torch.uint8)
+    out[4: 4 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return out
+
+
+def _unpad(tensor) -> bytes:
+    size = int.from_bytes(bytes(tensor[:4].tolist()), "big")
+    return bytes(tensor[4: 4 + size].numpy())
 
 
 def test_training_epoch_ranks_and_workers_draw_disjoint_samples(shard_dir, monkeypatch):
     groups = shards.read_lists(shard_dir)["full"]
     total = shards.group_samples(shard_dir, groups)
-    dataset = TrainStream(shard_dir, groups, _raw, samples_per_epoch=total // 2, seed=5)
+    batches = total // 2 // 2 // 4  # half the list, over 2 ranks, in batches of 4
+    dataset = TrainStream(shard_dir, groups, _raw, batch_size=4, batches_per_epoch=batches,
+                          seed=5)
     rank0 = _keys(dataset, 0, 2, monkeypatch)
     rank1 = _keys(dataset, 1, 2, monkeypatch)
-    assert len(rank0) == share(total // 2, 0, 2) and len(rank1) == share(total // 2, 1, 2)
+    assert len(rank0) == len(rank1) == batches * 4  # the same number of steps on every rank
     assert len(set(rank0)) == len(rank0) and not set(rank0) & set(rank1)
     assert _keys(dataset, 0, 2, monkeypatch) == rank0  # same seed and epoch: same stream
     dataset.set_epoch(1)
@@ -174,12 +189,24 @@ def test_training_mix_follows_group_probabilities(shard_dir, monkeypatch):
     assert set(groups) <= set(lists["c2x"])
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
-    dataset = TrainStream(shard_dir, groups, _raw, samples_per_epoch=3000,
+    dataset = TrainStream(shard_dir, groups, _raw, batch_size=50, batches_per_epoch=60,
                           probs=[0.66, 0.34], seed=1, shuffle_buffer=20)
     clean_ids = _group_keys(shard_dir, groups[0])
-    samples = [(bytes(image.numpy()), label) for image, label in dataset]
+    samples = [(_unpad(image), int(label)) for images, labels in dataset
+               for image, label in zip(images, labels, strict=True)]
     share_clean = sum(key in clean_ids for key in samples) / len(samples)
     assert len(samples) == 3000 and abs(share_clean - 0.66) < 0.03
+
+
+def test_pk_batches_have_p_labels_with_k_images(shard_dir, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    groups = shards.read_lists(shard_dir)["clean"]
+    dataset = TrainStream(shard_dir, groups, _raw, batch_size=6, batches_per_epoch=5,
+                          pk_instances=2, seed=0, shuffle_buffer=200)
+    for _, labels in dataset:
+        counts = Counter(labels.tolist())
+        assert len(counts) == 3 and set(counts.values()) == {2}
 
 
 def _group_keys(shard_dir, group):

@@ -61,6 +61,19 @@ def cmd_shard(args: argparse.Namespace) -> None:
     shards.main(load_params(args.params), args.prepared, args.out, args.metrics)
 
 
+def cmd_init(args: argparse.Namespace) -> None:
+    from glr import train
+
+    train.init_main(load_params(args.params), args.backbone, args.models)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from glr import train
+
+    train.main(load_params(args.params), args.backbone, args.phase, args.shards, args.models,
+               args.runs, args.metrics, argv=sys.argv[1:])
+
+
 def cmd_bench_prepare(args: argparse.Namespace) -> None:
     from glr.bench import prepare as bench_prepare
 
@@ -131,6 +144,43 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--metrics", type=Path, default=Path("metrics/shard.json"),
                        help="totals for `dvc metrics` (default: %(default)s)")
     shard.set_defaults(func=cmd_shard)
+
+    init = stages.add_parser(
+        "init", help="write a backbone's starting weights",
+        description="Build the backbone with its head and write the weights every first phase "
+                    "starts from: timm's ImageNet weights (params model.pretrained), a local "
+                    "file (model.weights_dir/<backbone>.pth) or a seeded random init. Reads: "
+                    "params `model`, train.seed. Writes: MODELS/<backbone>/pretrained/ "
+                    "(model.safetensors, config.json).")
+    _add_params(init)
+    init.add_argument("--backbone", required=True, help="one of params model.backbones")
+    init.add_argument("--models", type=Path, default=Path("models"),
+                      help="models folder (default: %(default)s)")
+    init.set_defaults(func=cmd_init)
+
+    train = stages.add_parser(
+        "train", help="train one phase of one backbone (torchrun DDP when processes > 1)",
+        description="Train phase PHASE of BACKBONE from the model of the phase its `init` names: "
+                    "ArcFace on the phase's list with its sampler, SGD + cosine schedule, mixed "
+                    "precision. With params train.processes > 1 the command relaunches itself "
+                    "under torchrun (gloo on CPU, nccl on GPU); for several nodes run it under "
+                    "your own torchrun. Resumes from RUNS/<backbone>/<phase>/checkpoint.pt. "
+                    "Reads: SHARDS (manifests, lists.json), MODELS/<backbone>/<init>/; params "
+                    "`model`, `train`. Writes: MODELS/<backbone>/<phase>/ (model.safetensors, "
+                    "config.json), METRICS/<backbone>/<phase>.tsv (per-epoch loss, top-1, LR, "
+                    "images/s), RUNS/<backbone>/<phase>/ (TensorBoard logs, checkpoint).")
+    _add_params(train)
+    train.add_argument("--backbone", required=True, help="one of params model.backbones")
+    train.add_argument("--phase", required=True, help="a phase name of params train.phases")
+    train.add_argument("--shards", type=Path, default=Path("data/shards"),
+                       help="shard folder (default: %(default)s)")
+    train.add_argument("--models", type=Path, default=Path("models"),
+                       help="models folder (default: %(default)s)")
+    train.add_argument("--runs", type=Path, default=Path("runs"),
+                       help="checkpoints and TensorBoard logs (default: %(default)s)")
+    train.add_argument("--metrics", type=Path, default=Path("metrics/train"),
+                       help="per-epoch TSV for `dvc plots` (default: %(default)s)")
+    train.set_defaults(func=cmd_train)
 
     bench = stages.add_parser("bench", help="benchmarks (results written to files)")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="<benchmark>")

@@ -8,6 +8,7 @@ its `metadata`: `min`/`max` for numbers, `choices` for strings.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -125,11 +126,143 @@ class ShardParams:
 
 
 @dataclass(frozen=True)
+class ModelParams:
+    """The network (see glr.model): backbones, input size, head."""
+
+    backbones: list[str] = _spec(["resnet18"], help="one model per backbone, ensembled")
+    size: int = _spec(112, min=32, max=2048,
+                      help="square input size of training and extraction (a phase may override)")
+    embedding_dim: int = _spec(512, min=8, max=8192)
+    gem_p: float = _spec(3.0, min=1.0, max=16.0)
+    arcface_s: float = _spec(30.0, min=1.0, max=128.0)
+    arcface_m: float = _spec(0.3, min=0.0, max=1.5)
+    pretrained: bool = _spec(False, help="ImageNet weights from timm's own source")
+    weights_dir: str | None = _spec(
+        None, help="folder with <backbone>.pth ImageNet weights (e.g. the IBN-Net releases); "
+                   "used instead of `pretrained`")
+
+    def validate(self, prefix: str) -> None:
+        if not self.backbones:
+            raise ParamsError(f"{prefix}.backbones: at least one backbone is needed")
+        if len(set(self.backbones)) != len(self.backbones):
+            raise ParamsError(f"{prefix}.backbones: names must be unique, got {self.backbones}")
+
+
+ListName = Literal["clean", "c2x", "full", "all"]
+SamplerName = Literal["softmax", "id_uniform", "continent"]
+FIRST_INIT = "pretrained"
+
+
+@dataclass(frozen=True)
+class PhaseParams:
+    """One training phase of every backbone (one DVC stage per backbone and phase)."""
+
+    index: int = _spec(0, min=0, help="position in train.phases (DVC tracks params by index)")
+    name: str = _spec("p1", help="models/<backbone>/<name>/ holds the result")
+    init: str = _spec(FIRST_INIT, help="the phase this one starts from; 'pretrained' first")
+    list: ListName = _spec("clean", help="training list: clean | c2x | full | all")
+    epochs: int = _spec(6, min=1)
+    lr: float = _spec(0.02, min=0.0, max=10.0, help="base learning rate")
+    batch: int = _spec(32, min=1, help="images per process and step")
+    weight_decay: float = _spec(5e-4, min=0.0, max=1.0)
+    warmup_epochs: float = _spec(1.0, min=0.0, help="linear warmup, counted in epochs")
+    sampler: SamplerName = _spec("softmax", help="softmax | id_uniform | continent")
+    instances: int = _spec(4, min=1, help="id_uniform: K images per label in a batch")
+    pad: int = _spec(5, min=0, help="pad before the random crop")
+    size: int | None = _spec(None, min=32, max=2048, help="overrides model.size")
+    backbone_sizes: list[str] = _spec(
+        [], help="per-backbone size overrides as 'backbone=size' (ResNeSt269: 448 in phases 1-2)")
+
+    def validate(self, prefix: str) -> None:
+        for entry in self.backbone_sizes:
+            name, _, size = entry.partition("=")
+            if not name or not size.isdigit() or not 32 <= int(size) <= 2048:
+                raise ParamsError(f"{prefix}.backbone_sizes: {entry!r} is not "
+                                  "'backbone=size' with 32 <= size <= 2048")
+
+    def size_for(self, backbone: str, default: int) -> int:
+        """The input size of this phase for `backbone`."""
+        for entry in self.backbone_sizes:
+            name, _, size = entry.partition("=")
+            if name == backbone:
+                return int(size)
+        return self.size or default
+
+
+@dataclass(frozen=True)
+class ContinentParams:
+    """Continent-aware sampler: continent probabilities and the clean share (method.md)."""
+
+    asia: float = _spec(0.5, min=0.0, max=1.0)
+    europe: float = _spec(0.2, min=0.0, max=1.0)
+    africa: float = _spec(0.15, min=0.0, max=1.0)
+    north_america: float = _spec(0.1, min=0.0, max=1.0)
+    south_america: float = _spec(0.02, min=0.0, max=1.0)
+    antarctica: float = _spec(0.01, min=0.0, max=1.0)
+    oceania: float = _spec(0.01, min=0.0, max=1.0)
+    other: float = _spec(0.01, min=0.0, max=1.0)
+    clean_share: float = _spec(0.66, min=0.0, max=1.0)
+
+    def validate(self, prefix: str) -> None:
+        total = sum(getattr(self, f.name) for f in dataclasses.fields(self)
+                    if f.name != "clean_share")
+        if abs(total - 1.0) > 1e-6:
+            raise ParamsError(f"{prefix}: continent probabilities must sum to 1, got {total:g}")
+
+
+def _default_phases() -> list[PhaseParams]:
+    return [PhaseParams(),
+            PhaseParams(index=1, name="p2", init="p1", list="all", epochs=3, lr=0.01,
+                        warmup_epochs=0.0, sampler="continent")]
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """The training recipe: phases in order, each starting from the one named in `init`."""
+
+    seed: int = _spec(0, min=0)
+    processes: int = _spec(1, min=1, max=1024,
+                           help="processes per node (torchrun --nproc_per_node)")
+    workers: int = _spec(2, min=0, max=64, help="DataLoader workers per process")
+    checkpoint_every: int = _spec(2, min=1, help="epochs between resumable checkpoints")
+    shuffle_buffer: int = _spec(1000, min=1, help="samples in each shuffle buffer")
+    precision: Literal["auto", "fp32"] = _spec(
+        "auto", help="auto: fp16 + GradScaler on CUDA, bf16 autocast on CPU; fp32: none")
+    continent: ContinentParams = field(default_factory=ContinentParams)
+    phases: list[PhaseParams] = field(default_factory=_default_phases)
+
+    def validate(self, prefix: str) -> None:
+        names: list[str] = []
+        for position, phase in enumerate(self.phases):
+            key = f"{prefix}.phases[{position}]"
+            if phase.index != position:
+                raise ParamsError(f"{key}.index: must be {position} (its position in the list)")
+            if phase.name in names or phase.name == FIRST_INIT:
+                raise ParamsError(f"{key}.name: {phase.name!r} is used twice or reserved")
+            allowed = [FIRST_INIT, *names] if position == 0 else names
+            if phase.init not in allowed:
+                raise ParamsError(f"{key}.init: {phase.init!r} is not an earlier phase; "
+                                  f"allowed: {', '.join(allowed)}")
+            names.append(phase.name)
+        if not self.phases:
+            raise ParamsError(f"{prefix}.phases: at least one phase is needed")
+
+    def phase(self, name: str) -> PhaseParams:
+        for phase in self.phases:
+            if phase.name == name:
+                return phase
+        raise ParamsError(f"train.phases: no phase named {name!r}; phases: "
+                          f"{', '.join(p.name for p in self.phases)}")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     synth: SynthParams = field(default_factory=SynthParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
     shard: ShardParams = field(default_factory=ShardParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
 
 
 # --------------------------------------------------------------------------- validation
@@ -189,6 +322,9 @@ def _convert(key: str, value: Any, tp: Any, meta: dict) -> Any:
         _check_range(key, value, meta)
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(f"{key}: expected a number, got {value!r}")
         _check_range(key, float(value), meta)
@@ -205,7 +341,7 @@ def _build(prefix: str, raw: Any, cls: type) -> Any:
         raw = {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{prefix or 'params'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, localns={})  # a field named `list` must not shadow it
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:

@@ -499,13 +499,15 @@ def plan_all(prepared_dir: Path, params: ShardParams) -> tuple[list[ShardTask], 
         increment = str(frame["increment"].iloc[0])
         groups_meta[group] = {"increment": increment,
                               "continent": str(frame["continent"].iloc[0]),
-                              "clean": increment in ("clean", "index", "test")}
+                              "clean": increment in ("clean", "index", "test"),
+                              "max_label": int(frame["label"].max())}
         tasks += plan_shards(frame[columns], group, params.samples_per_shard, params.seed)
     queries = read_list(prepared_dir / "val_queries.parquet").assign(split="test")
     eval_index = read_list(prepared_dir / "eval_index.parquet").assign(split="index")
     for group, frame in (("query", queries[["id", "split", "usage"]]),
                          ("eval_index", eval_index[["id", "split"]])):
-        groups_meta[group] = {"increment": group, "continent": None, "clean": None}
+        groups_meta[group] = {"increment": group, "continent": None, "clean": None,
+                              "max_label": None}
         tasks += plan_shards(frame, group, params.samples_per_shard, seed=None)
     return tasks, groups_meta, list_groups(training)
 

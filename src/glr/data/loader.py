@@ -9,9 +9,10 @@ or an initialized process group).
   read disjoint shards; a shuffle buffer mixes samples across the shards a worker reads.
 - `TrainStream`, mode `mix` (continent-aware sampling): each group is an endless resampled
   stream with its own shuffle buffer; each sample is drawn from group g with probability p_g.
-- Each rank yields exactly `samples_per_epoch / world_size` samples per epoch (split over its
-  workers), so every rank runs the same number of steps; random streams are seeded by
-  (seed, epoch, rank, worker): different on every rank and worker, the same on a rerun.
+- Batches are assembled in the workers; each rank yields exactly `batches_per_epoch` batches
+  (split over its workers), so every rank runs the same number of steps; random streams are
+  seeded by (seed, epoch, rank, worker): different on every rank and worker, the same on a
+  rerun.
 - `ExtractStream`: every sample of the groups once, shards split across ranks and workers.
 """
 
@@ -68,20 +69,29 @@ def _bisect(cumulative: list[float], value: float) -> int:
 
 
 class TrainStream(IterableDataset):
-    """(uint8 image, label) training samples from shard groups; see the module doc."""
+    """Training batches (uint8 images (B, 3, S, S), labels (B,)) from shard groups.
+
+    Every rank yields exactly `batches_per_epoch` batches of `batch_size` (its DataLoader
+    workers split them), so all DDP ranks run the same number of steps. `probs` switches from
+    shuffled epochs to the group mix; `pk_instances` assembles P×K batches (id_uniform).
+    """
 
     def __init__(self, shard_dir: Path, groups: list[str],
                  transform: Callable[[bytes, random.Random], torch.Tensor],
-                 samples_per_epoch: int, *, probs: list[float] | None = None, seed: int = 0,
-                 shuffle_buffer: int = 1000):
+                 batch_size: int, batches_per_epoch: int, *, probs: list[float] | None = None,
+                 pk_instances: int | None = None, seed: int = 0, shuffle_buffer: int = 1000):
         super().__init__()
         if probs is not None and len(probs) != len(groups):
             raise ValueError("one probability per group is needed")
+        if pk_instances is not None and batch_size % pk_instances:
+            raise ValueError(f"batch size {batch_size} is not a multiple of K={pk_instances}")
         self.shard_dir = Path(shard_dir)
         self.groups = list(groups)
         self.transform = transform
-        self.samples_per_epoch = samples_per_epoch
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
         self.probs = probs
+        self.pk_instances = pk_instances
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.epoch = 0
@@ -97,7 +107,7 @@ class TrainStream(IterableDataset):
             urls = [url for group in self.groups for url in self.urls[group]]
             random.Random(stream_seed(self.seed, self.epoch, cycle)).shuffle(urls)
             mine = urls[rank::world][worker::workers]
-            if not mine:  # fewer shards than readers: fall back to a seeded share of all
+            if not mine:  # fewer shards than readers: fall back to one shard each
                 mine = [urls[(rank * workers + worker) % len(urls)]]
             yield from wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 10,
                                    rng=rng)(_samples(mine))
@@ -108,28 +118,41 @@ class TrainStream(IterableDataset):
             seed = stream_seed(self.seed, self.epoch, rank, worker, number)
             shards = wds.ResampledShards(self.urls[group], seed=seed, deterministic=True,
                                          worker_seed=lambda: 0)
-            group_rng = random.Random(seed)
-            streams.append(iter(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer
-                                            // 10, rng=group_rng)(
-                wds.tarfile_samples(iter(shards)))))
+            buffer = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 10,
+                                 rng=random.Random(seed))
+            streams.append(iter(buffer(wds.tarfile_samples(iter(shards)))))
         return mix(streams, self.probs or [], rng)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
-        rank, world, worker, workers = pytorch_worker_info()
+    def samples(self, rank: int, world: int, worker: int, workers: int
+                ) -> Iterator[tuple[torch.Tensor, int]]:
+        """This reader's endless stream of transformed (image, label) samples."""
         rng = random.Random(stream_seed(self.seed, self.epoch, rank, worker, -1))
         if self.probs is None:
-            samples = self._epoch_samples(rank, world, worker, workers, rng)
+            raw = self._epoch_samples(rank, world, worker, workers, rng)
         else:
-            samples = self._mixed_samples(rank, worker, rng)
-        count = share(share(self.samples_per_epoch, rank, world), worker, workers)
-        for sample in itertools.islice(samples, count):
-            meta = json.loads(sample["json"])
-            yield self.transform(sample["jpg"], rng), meta["label"]
+            raw = self._mixed_samples(rank, worker, rng)
+        for sample in raw:
+            yield self.transform(sample["jpg"], rng), json.loads(sample["json"])["label"]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from glr.data.samplers import pk_batches
+
+        rank, world, worker, workers = pytorch_worker_info()
+        count = share(self.batches_per_epoch, worker, workers)
+        samples = self.samples(rank, world, worker, workers)
+        if self.pk_instances is not None:
+            rng = random.Random(stream_seed(self.seed, self.epoch, rank, worker, -2))
+            batches = pk_batches(samples, self.batch_size // self.pk_instances,
+                                 self.pk_instances, rng, self.shuffle_buffer)
+            yield from itertools.islice(batches, count)
+            return
+        for _ in range(count):
+            images, labels = zip(*itertools.islice(samples, self.batch_size), strict=True)
+            yield torch.stack(images), torch.tensor(labels)
 
     def __len__(self) -> int:
-        """Samples per epoch on this rank (what a DataLoader over this dataset yields)."""
-        rank, world, _, _ = pytorch_worker_info()
-        return share(self.samples_per_epoch, rank, world)
+        """Batches per epoch on this rank."""
+        return self.batches_per_epoch
 
 
 class ExtractStream(IterableDataset):

@@ -1,0 +1,403 @@
+"""Stages `init` and `train`: starting weights, then one training phase of one backbone.
+
+`glr init --backbone B` writes `models/B/pretrained/`: the backbone's starting weights (timm's
+ImageNet weights, a local file, or a seeded random init), so that every phase starts from a
+DVC-tracked model folder. `glr train --backbone B --phase P` trains phase P from the folder of
+the phase named in its `init` and writes `models/B/P/` (model.safetensors + config.json).
+
+The loop, by method.md: SGD (momentum 0.9, biases at 2× LR), cosine schedule with linear
+warmup counted in epochs and stepped per iteration, ArcFace + cross-entropy, mixed precision
+(fp16 + GradScaler on CUDA, bf16 autocast on CPU), channels_last. Under torchrun every rank
+reads its own part of the shards; only rank 0 logs and writes. Resumable: a checkpoint
+(model, optimizer, scheduler, scaler, epoch, RNG states) is written every
+`train.checkpoint_every` epochs to `runs/B/P/checkpoint.pt`, and a restarted stage resumes
+from it when it belongs to the same phase settings and starting weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from glr import shards
+from glr.data import TrainStream, TrainTransform, normalize
+from glr.data.samplers import continent_group_probs
+from glr.model import build_model, load_phase_weights, model_from_config, param_groups
+from glr.params import FIRST_INIT, ModelParams, Params, PhaseParams
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+# --------------------------------------------------------------------------- model folders
+
+
+def save_model(model: torch.nn.Module, folder: Path, config: dict) -> None:
+    """Weights (safetensors) and a JSON config, written atomically into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = folder / f".{WEIGHTS}.tmp{os.getpid()}"
+    save_file(state, str(tmp))
+    tmp.replace(folder / WEIGHTS)
+    (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def load_model(folder: Path) -> tuple[torch.nn.Module, dict]:
+    """A model folder back as (model, config)."""
+    config = json.loads((Path(folder) / CONFIG).read_text())
+    model = model_from_config(config["model"])
+    model.load_state_dict(load_file(str(Path(folder) / WEIGHTS)))
+    return model, config
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _model_kwargs(params: ModelParams) -> dict:
+    return {"embedding_dim": params.embedding_dim, "gem_p": params.gem_p,
+            "arcface_s": params.arcface_s, "arcface_m": params.arcface_m}
+
+
+def init_main(params: Params, backbone: str, models_dir: Path) -> Path:
+    """Write the starting weights of `backbone` to models/<backbone>/pretrained/."""
+    torch.manual_seed(params.train.seed)
+    weights = None
+    if params.model.weights_dir:
+        weights = Path(params.model.weights_dir) / f"{backbone}.pth"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: no weights for backbone {backbone} "
+                                    "(params model.weights_dir)")
+    model = build_model(backbone, 1, pretrained=params.model.pretrained and weights is None,
+                        pretrained_path=str(weights) if weights else None,
+                        **_model_kwargs(params.model))
+    source = str(weights) if weights else ("timm" if params.model.pretrained else "random")
+    folder = Path(models_dir) / backbone / FIRST_INIT
+    save_model(model, folder, {"model": model.config, "source": source,
+                               "seed": params.train.seed})
+    log.info("%s: starting weights (%s) -> %s", backbone, source, folder)
+    return folder
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup from ~0 to 1 over `warmup_steps`, then cosine decay to 0 at the end."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """Join the torchrun process group when there is one (nccl on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+def relaunch_under_torchrun(processes: int, argv: list[str]) -> None:
+    """Run this very command under torchrun with `processes` per node (replaces the process)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={processes}", "-m", "glr", *argv]
+    log.info("starting %d processes: %s", processes, " ".join(command))
+    os.execv(sys.executable, command)
+
+
+# --------------------------------------------------------------------------- the phase
+
+
+@dataclasses.dataclass(frozen=True)
+class PhasePlan:
+    """Everything a phase's run derives from params and the shards."""
+
+    backbone: str
+    phase: PhaseParams
+    size: int
+    groups: list[str]
+    probs: list[float] | None
+    num_classes: int
+    list_samples: int
+    steps_per_epoch: int
+    init_dir: Path
+    out_dir: Path
+    run_dir: Path
+
+
+def plan_phase(params: Params, backbone: str, phase_name: str, shard_dir: Path,
+               models_dir: Path, runs_dir: Path, world: int) -> PhasePlan:
+    phase = params.train.phase(phase_name)
+    groups = shards.read_lists(shard_dir)[phase.list]
+    manifests = [shards.read_manifest(shard_dir, g) for g in groups]
+    list_samples = sum(m["samples"] for m in manifests)
+    num_classes = 1 + max(m["max_label"] for m in manifests)
+    probs = (continent_group_probs(manifests, params.train.continent)
+             if phase.sampler == "continent" else None)
+    # An epoch is the list's size over all ranks (method.md: L = list size / world size).
+    steps = max(1, list_samples // (phase.batch * world))
+    return PhasePlan(backbone=backbone, phase=phase,
+                     size=phase.size_for(backbone, params.model.size),
+                     groups=groups, probs=probs, num_classes=num_classes,
+                     list_samples=list_samples, steps_per_epoch=steps,
+                     init_dir=Path(models_dir) / backbone / phase.init,
+                     out_dir=Path(models_dir) / backbone / phase.name,
+                     run_dir=Path(runs_dir) / backbone / phase.name)
+
+
+def run_fingerprint(params: Params, plan: PhasePlan, world: int) -> str:
+    """What a checkpoint must match to be resumed: settings, data, starting weights."""
+    blob = json.dumps({"phase": dataclasses.asdict(plan.phase), "size": plan.size,
+                       "model": dataclasses.asdict(params.model), "seed": params.train.seed,
+                       "groups": plan.groups, "classes": plan.num_classes, "world": world,
+                       "continent": dataclasses.asdict(params.train.continent),
+                       "init": file_digest(plan.init_dir / WEIGHTS)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def make_stream(params: Params, plan: PhasePlan, shard_dir: Path) -> TrainStream:
+    phase = plan.phase
+    return TrainStream(shard_dir, plan.groups, TrainTransform(plan.size, phase.pad),
+                       batch_size=phase.batch, batches_per_epoch=plan.steps_per_epoch,
+                       probs=plan.probs,
+                       pk_instances=phase.instances if phase.sampler == "id_uniform" else None,
+                       seed=params.train.seed, shuffle_buffer=params.train.shuffle_buffer)
+
+
+def precision_context(device: torch.device, precision: str):
+    """(autocast context, GradScaler or None) for the device."""
+    if precision == "fp32":
+        return nullcontext(), None
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+    return torch.autocast("cpu", dtype=torch.bfloat16), None
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch: int,
+                    fingerprint: str) -> None:
+    state = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "epoch": epoch, "fingerprint": fingerprint,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python_rng": list(random.getstate()[1]),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def try_resume(path: Path, fingerprint: str, model, optimizer, scheduler, scaler) -> int:
+    """Load a matching checkpoint; return the number of finished epochs (0 without one)."""
+    if not path.is_file():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        log.warning("%s belongs to other settings or starting weights; starting afresh", path)
+        return 0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    random.setstate((3, tuple(state["python_rng"]), None))
+    return int(state["epoch"])
+
+
+class History:
+    """Per-epoch values as a TSV for `dvc plots` (rank 0 only)."""
+
+    def __init__(self, path: Path, resume_epochs: int):
+        self.path = path
+        self.rows: list[dict] = []
+        if resume_epochs and path.is_file():
+            lines = path.read_text().splitlines()
+            header = lines[0].split("\t")
+            self.rows = [dict(zip(header, line.split("\t"), strict=True))
+                         for line in lines[1: 1 + resume_epochs]]
+
+    def add(self, row: dict) -> None:
+        self.rows.append({k: (f"{v:.6g}" if isinstance(v, float) else str(v))
+                          for k, v in row.items()})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        header = list(self.rows[0])
+        lines = ["\t".join(header)] + ["\t".join(r[h] for h in header) for r in self.rows]
+        self.path.write_text("\n".join(lines) + "\n")
+
+
+def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: Path,
+                env: Dist, stop_after_epochs: int | None = None) -> dict:
+    """Train one phase; returns the final epoch's summary. Rank 0 writes all files."""
+    phase = plan.phase
+    torch.manual_seed(params.train.seed)
+    init_model, _ = load_model(plan.init_dir)
+    model = build_model(plan.backbone, plan.num_classes, **_model_kwargs(params.model))
+    load_phase_weights(model, init_model.state_dict())
+    del init_model
+    model = model.to(env.device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(param_groups(model, phase.lr, phase.weight_decay),
+                                lr=phase.lr, momentum=0.9)
+    total_steps = phase.epochs * plan.steps_per_epoch
+    warmup_steps = round(phase.warmup_epochs * plan.steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
+    autocast, scaler = precision_context(env.device, params.train.precision)
+    fingerprint = run_fingerprint(params, plan, env.world)
+    checkpoint = plan.run_dir / "checkpoint.pt"
+    start_epoch = try_resume(checkpoint, fingerprint, model, optimizer, scheduler, scaler)
+    if start_epoch:
+        log.info("resuming %s/%s from %s after epoch %d", plan.backbone, phase.name,
+                 checkpoint, start_epoch)
+    net = model
+    if env.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    stream = make_stream(params, plan, shard_dir)
+    writer = SummaryWriter(str(plan.run_dir / "tensorboard")) if env.main else None
+    history = History(history_path, start_epoch) if env.main else None
+    criterion = torch.nn.CrossEntropyLoss()
+    summary: dict = {}
+    for epoch in range(start_epoch, phase.epochs):
+        stream.set_epoch(epoch)
+        loader = DataLoader(stream, batch_size=None, num_workers=params.train.workers,
+                            pin_memory=env.device.type == "cuda",
+                            persistent_workers=False)
+        net.train()
+        totals = {"loss": 0.0, "correct": 0, "seen": 0}
+        started = time.perf_counter()
+        bar = tqdm(loader, total=plan.steps_per_epoch, disable=not env.main, unit="step",
+                   desc=f"{plan.backbone}/{phase.name} epoch {epoch + 1}/{phase.epochs}")
+        for step, (images, labels) in enumerate(bar):
+            images = normalize(images.to(env.device, non_blocking=True))
+            images = images.contiguous(memory_format=torch.channels_last)
+            labels = labels.to(env.device, non_blocking=True)
+            with autocast:
+                logits, _ = net(images, labels)
+                loss = criterion(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+            loss_value = loss.item()
+            correct = int((logits.detach().argmax(1) == labels).sum())
+            totals["loss"] += loss_value * len(labels)
+            totals["correct"] += correct
+            totals["seen"] += len(labels)
+            if writer is not None:
+                global_step = epoch * plan.steps_per_epoch + step
+                writer.add_scalar("train/loss", loss_value, global_step)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], global_step)
+                writer.add_scalar("train/top1", correct / len(labels), global_step)
+                if scaler is not None:
+                    writer.add_scalar("train/grad_scale", scaler.get_scale(), global_step)
+                bar.set_postfix(loss=f"{loss_value:.3f}",
+                                acc=f"{totals['correct'] / totals['seen']:.3f}")
+        seconds = time.perf_counter() - started
+        images_per_s = totals["seen"] * env.world / seconds
+        summary = {"epoch": epoch + 1, "loss": totals["loss"] / max(1, totals["seen"]),
+                   "top1": totals["correct"] / max(1, totals["seen"]),
+                   "lr": scheduler.get_last_lr()[0], "images_per_s": images_per_s}
+        if env.main:
+            assert writer is not None and history is not None
+            writer.add_scalar("epoch/loss", summary["loss"], epoch + 1)
+            writer.add_scalar("epoch/top1", summary["top1"], epoch + 1)
+            writer.add_scalar("epoch/images_per_s", images_per_s, epoch + 1)
+            history.add(summary)
+            log.info("%s/%s epoch %d: loss %.4f, top-1 %.3f, %.1f images/s", plan.backbone,
+                     phase.name, epoch + 1, summary["loss"], summary["top1"], images_per_s)
+            last = epoch + 1 == phase.epochs
+            if (epoch + 1) % params.train.checkpoint_every == 0 or last:
+                save_checkpoint(checkpoint, model, optimizer, scheduler, scaler, epoch + 1,
+                                fingerprint)
+        if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
+            raise KeyboardInterrupt(f"stopped after epoch {epoch + 1} (simulated)")
+    if writer is not None:
+        writer.close()
+    if env.main:
+        config = {"model": model.config, "phase": dataclasses.asdict(phase), "size": plan.size,
+                  "init": str(plan.init_dir), "world_size": env.world,
+                  "effective_batch": phase.batch * env.world, "final": summary}
+        save_model(model, plan.out_dir, config)
+        log.info("%s/%s done -> %s", plan.backbone, phase.name, plan.out_dir)
+    return summary
+
+
+def main(params: Params, backbone: str, phase_name: str, shard_dir: Path, models_dir: Path,
+         runs_dir: Path, metrics_dir: Path, argv: list[str] | None = None) -> dict | None:
+    if (params.train.processes > 1 and "LOCAL_RANK" not in os.environ
+            and argv is not None):
+        relaunch_under_torchrun(params.train.processes, argv)
+    env = setup_distributed()
+    if env.device.type == "cpu" and env.world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world))
+    if backbone not in params.model.backbones:
+        raise ValueError(f"backbone {backbone!r} is not in params model.backbones "
+                         f"({', '.join(params.model.backbones)})")
+    plan = plan_phase(params, backbone, phase_name, shard_dir, models_dir, runs_dir, env.world)
+    if env.main:
+        log.info("%s/%s: list %s (%d images, %d classes), %s sampler, size %d, %d epochs × "
+                 "%d steps of %d × %d process(es), device %s", backbone, phase_name,
+                 plan.phase.list, plan.list_samples, plan.num_classes, plan.phase.sampler,
+                 plan.size, plan.phase.epochs, plan.steps_per_epoch, plan.phase.batch,
+                 env.world, env.device)
+    history = Path(metrics_dir) / backbone / f"{phase_name}.tsv"
+    try:
+        return train_phase(params, plan, shard_dir, history, env)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,589 @@
+"""Model: GeM, ArcFace, IBN-a, last stride 1, the retrieval net and its training helpers."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glr.model import (
+    BACKBONES,
+    IBN,
+    ArcFace,
+    GeM,
+    build_model,
+    convert_ibn_a,
+    count_parameters,
+    create_backbone,
+    load_backbone_weights,
+    load_phase_weights,
+    map_ibn_net_keys,
+    model_from_config,
+    param_groups,
+    set_last_stride_1,
+)
+
+# Parameter counts of timm 1.0 backbones built with num_classes=0 (no classifier).
+RESNET10T_PARAMS = 4_922_488
+RESNET18_PARAMS = 11_176_512
+RESNET50_PARAMS = 23_508_032
+SERESNET101_PARAMS = 47_277_872
+RESNEXT101_32X4D_PARAMS = 42_128_704
+
+
+def timm_features(name: str) -> nn.Module:
+    """A plain timm feature extractor, random weights."""
+    return timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> None:
+    """Give every norm layer non-default affine parameters and running statistics."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm2d)):
+                size = module.weight.shape
+                module.weight.copy_(torch.rand(size, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(size, generator=generator))
+                if module.running_mean is not None:
+                    module.running_mean.copy_(torch.randn(size, generator=generator))
+                    module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+
+
+# --- GeM ---------------------------------------------------------------------------------------
+
+
+def test_gem_known_values() -> None:
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[-1.0, 2.0], [0.0, 0.0]]]])
+    pooled = GeM(p=3.0)(x)
+    assert pooled.shape == (1, 2)
+    # ((1 + 8 + 27 + 64) / 4)^(1/3) = 25^(1/3); negatives and zeros clamp to eps: (8 / 4)^(1/3).
+    assert pooled[0, 0].item() == pytest.approx(2.9240177382128660, rel=1e-6)
+    assert pooled[0, 1].item() == pytest.approx(1.2599210498948732, rel=1e-6)
+
+
+def test_gem_matches_float64_reference() -> None:
+    x = torch.randn(2, 5, 3, 4, generator=torch.Generator().manual_seed(1))
+    reference = x.double().clamp(min=1e-6).pow(3.0).mean(dim=(2, 3)).pow(1.0 / 3.0)
+    torch.testing.assert_close(GeM(p=3.0)(x).double(), reference, rtol=1e-5, atol=1e-7)
+
+
+def test_gem_with_p1_is_average_pooling() -> None:
+    x = torch.rand(2, 4, 5, 3, generator=torch.Generator().manual_seed(2)) + 0.1
+    expected = F.adaptive_avg_pool2d(x, 1).flatten(1)
+    torch.testing.assert_close(GeM(p=1.0)(x), expected, rtol=1e-6, atol=1e-6)
+
+
+# --- ArcFace -----------------------------------------------------------------------------------
+
+
+def arcface_reference(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                      s: float, m: float) -> torch.Tensor:
+    """ArcFace logits in float64, through the angle theta itself."""
+    f = features.double() / features.double().norm(dim=1, keepdim=True)
+    w = weight.double() / weight.double().norm(dim=1, keepdim=True)
+    cosine = f @ w.T
+    logits = s * cosine.clone()
+    for row, label in enumerate(labels.tolist()):
+        theta = math.acos(max(-1.0, min(1.0, cosine[row, label].item())))
+        if theta + m < math.pi:  # i.e. cos(theta) > cos(pi - m)
+            logits[row, label] = s * math.cos(theta + m)
+        else:
+            logits[row, label] = s * (cosine[row, label].item() - m * math.sin(math.pi - m))
+    return logits
+
+
+def arcface_inputs(head: ArcFace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features covering both margin branches, and their labels."""
+    weight = head.weight.detach()
+    generator = torch.Generator().manual_seed(3)
+    features = torch.stack([
+        torch.randn(head.in_features, generator=generator),  # generic angle
+        weight[1] * 2.0,  # parallel to its target: theta = 0
+        -weight[2] * 0.5,  # anti-parallel to its target: theta = pi, past pi - m
+        -weight[3] + 0.05 * weight[0],  # almost anti-parallel: theta just under pi
+    ])
+    return features, torch.tensor([0, 1, 2, 3])
+
+
+def test_arcface_matches_float64_reference_on_both_branches() -> None:
+    torch.manual_seed(0)
+    head = ArcFace(in_features=6, num_classes=5, s=30.0, m=0.3)
+    features, labels = arcface_inputs(head)
+    cosine = F.normalize(features.double()) @ F.normalize(head.weight.double()).T
+    target_cosine = cosine[torch.arange(4), labels]
+    threshold = math.cos(math.pi - 0.3)
+    # Rows 0 and 1 take cos(theta + m); rows 2 and 3 take the linear penalty.
+    assert (target_cosine[:2] > threshold).all()
+    assert (target_cosine[2:] < threshold).all()
+
+    logits = head(features, labels)
+    assert logits.shape == (4, 5)
+    assert logits.dtype == torch.float32
+    reference = arcface_reference(features, head.weight.detach(), labels, 30.0, 0.3)
+    torch.testing.assert_close(logits.double(), reference, rtol=0, atol=2e-4)
+    # Known values: theta = 0 gives s cos(m); theta = pi gives s (-1 - m sin(m)).
+    assert logits[1, 1].item() == pytest.approx(30.0 * math.cos(0.3), abs=2e-4)
+    assert logits[2, 2].item() == pytest.approx(-32.659681860, abs=2e-4)
+    # Every non-target logit is s cos(theta).
+    non_target = torch.ones(4, 5, dtype=torch.bool)
+    non_target[torch.arange(4), labels] = False
+    torch.testing.assert_close(logits[non_target].double(), 30.0 * cosine[non_target],
+                               rtol=0, atol=2e-4)
+
+
+def test_arcface_gradients_are_finite_at_theta_0_and_pi() -> None:
+    torch.manual_seed(0)
+    head = ArcFace(in_features=6, num_classes=5, s=30.0, m=0.3)
+    features, labels = arcface_inputs(head)
+    features.requires_grad_(True)
+    F.cross_entropy(head(features, labels), labels).backward()
+    assert torch.isfinite(features.grad).all()
+    assert torch.isfinite(head.weight.grad).all()
+
+
+def test_arcface_computes_in_float32_under_autocast() -> None:
+    torch.manual_seed(0)
+    head = ArcFace(in_features=6, num_classes=5, s=30.0, m=0.3)
+    features, labels = arcface_inputs(head)
+    expected = head(features, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(features, labels)
+        half_precision_logits = head(features.bfloat16(), labels)
+    assert logits.dtype == half_precision_logits.dtype == torch.float32
+    # A bfloat16 matmul would be off by ~0.1 here (30 * 2^-8).
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(half_precision_logits, expected, rtol=0, atol=0.3)
+
+
+def test_arcface_weight_init_is_xavier_uniform() -> None:
+    torch.manual_seed(0)
+    head = ArcFace(in_features=64, num_classes=2000)
+    bound = math.sqrt(6.0 / (64 + 2000))
+    assert head.weight.shape == (2000, 64)
+    assert head.weight.abs().max().item() <= bound
+    # Uniform(-b, b) has standard deviation b / sqrt(3).
+    assert head.weight.std().item() == pytest.approx(bound / math.sqrt(3.0), rel=0.02)
+
+
+# --- IBN ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [6, 5])
+def test_ibn_is_instance_norm_then_batch_norm(channels: int) -> None:
+    ibn = IBN(channels)
+    half = int(channels * 0.5)
+    assert ibn.half == half
+    randomize_norms(ibn)
+    instance_norm = nn.InstanceNorm2d(half, affine=True)
+    batch_norm = nn.BatchNorm2d(channels - half)
+    instance_norm.load_state_dict(ibn.IN.state_dict())
+    batch_norm.load_state_dict(ibn.BN.state_dict())
+
+    x = torch.randn(3, channels, 4, 5, generator=torch.Generator().manual_seed(4))
+    for train in (True, False):
+        ibn.train(train)
+        instance_norm.train(train)
+        batch_norm.train(train)
+        expected = torch.cat((instance_norm(x[:, :half]), batch_norm(x[:, half:])), dim=1)
+        torch.testing.assert_close(ibn(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(ibn.BN.running_mean, batch_norm.running_mean)
+
+
+def test_ibn_state_dict_uses_ibn_net_names() -> None:
+    assert set(IBN(8).state_dict()) == {
+        "IN.weight", "IN.bias",
+        "BN.weight", "BN.bias", "BN.running_mean", "BN.running_var", "BN.num_batches_tracked",
+    }
+
+
+IBN_BN1 = re.compile(r"layer[123]\.\d+\.bn1(\..*)?")
+
+
+@pytest.mark.parametrize(("name", "blocks_in_stages_1_to_3", "expected_params"), [
+    ("resnet18", 2 + 2 + 2, RESNET18_PARAMS),
+    ("resnet50", 3 + 4 + 6, RESNET50_PARAMS),
+])
+def test_convert_ibn_a(name: str, blocks_in_stages_1_to_3: int, expected_params: int) -> None:
+    original = timm_features(name)
+    randomize_norms(original)
+    converted = convert_ibn_a(copy.deepcopy(original))
+
+    assert count_parameters(original) == expected_params
+    assert count_parameters(converted) == expected_params
+    for stage in ("layer1", "layer2", "layer3"):
+        for block, original_block in zip(getattr(converted, stage),
+                                         getattr(original, stage), strict=True):
+            assert isinstance(block.bn1, IBN)
+            # The IBN starts from the replaced BatchNorm's values.
+            half = block.bn1.half
+            torch.testing.assert_close(block.bn1.IN.weight, original_block.bn1.weight[:half])
+            torch.testing.assert_close(block.bn1.IN.bias, original_block.bn1.bias[:half])
+            torch.testing.assert_close(block.bn1.BN.weight, original_block.bn1.weight[half:])
+            torch.testing.assert_close(block.bn1.BN.running_var,
+                                       original_block.bn1.running_var[half:])
+    assert all(type(block.bn1) is nn.BatchNorm2d for block in converted.layer4)
+    assert sum(isinstance(m, IBN) for m in converted.modules()) == blocks_in_stages_1_to_3
+    # Everything else keeps its type.
+    original_types = {name: type(module) for name, module in original.named_modules()}
+    for module_name, module in converted.named_modules():
+        if not IBN_BN1.fullmatch(module_name):
+            assert type(module) is original_types[module_name], module_name
+
+
+@pytest.mark.parametrize(("name", "expected_params"), [
+    ("seresnet101_ibn_a", SERESNET101_PARAMS),
+    ("resnext101_32x4d_ibn_a", RESNEXT101_32X4D_PARAMS),
+])
+def test_ibn_backbones_keep_the_parameter_count(name: str, expected_params: int) -> None:
+    backbone, channels = create_backbone(name)
+    assert channels == 2048
+    assert count_parameters(backbone) == expected_params
+    assert sum(isinstance(m, IBN) for m in backbone.modules()) == 3 + 4 + 23
+    assert all(type(block.bn1) is nn.BatchNorm2d for block in backbone.layer4)
+    # IBN-Net's SE reduces C to int(C / 16); timm must match for its checkpoint to load.
+    for block in backbone.modules():
+        if hasattr(block, "se") and block.se is not None:
+            out_channels, in_channels = block.se.fc1.weight.shape[:2]
+            assert out_channels == in_channels // 16
+    backbone.eval()
+    with torch.no_grad():
+        # Last stride 1: a 32x32 input gives a 2x2 map (1x1 at the usual stride 32).
+        assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, 2048, 2, 2)
+
+
+# --- last stride 1 -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "channels"), [
+    ("resnet10t", 512),
+    ("resnet18", 512),
+    ("resnet18_ibn_a", 512),
+    ("resnet50", 2048),
+    ("resnest101e", 2048),
+])
+def test_backbone_feature_map_is_input_over_16(name: str, channels: int) -> None:
+    backbone, num_features = create_backbone(name)
+    assert num_features == channels
+    backbone.eval()
+    with torch.no_grad():
+        assert backbone(torch.randn(2, 3, 64, 64)).shape == (2, channels, 4, 4)
+
+
+def test_unmodified_timm_backbone_is_input_over_32() -> None:
+    with torch.no_grad():
+        assert timm_features("resnet18").eval()(torch.randn(1, 3, 64, 64)).shape == (1, 512, 2, 2)
+
+
+def test_last_stride_1_only_touches_layer4() -> None:
+    resnest = set_last_stride_1(timm_features("resnest101e"))
+    layer4_modules = list(resnest.layer4.modules())
+    assert all(m.stride == (1, 1) for m in layer4_modules if isinstance(m, nn.Conv2d))
+    assert not any(isinstance(m, nn.AvgPool2d) for m in layer4_modules)
+    assert isinstance(resnest.layer4[0].avd_last, nn.Identity)
+    assert isinstance(resnest.layer4[0].downsample[0], nn.Identity)
+    assert isinstance(resnest.layer3[0].avd_last, nn.AvgPool2d)
+    assert isinstance(resnest.layer3[0].downsample[0], nn.AvgPool2d)
+
+    resnet = set_last_stride_1(timm_features("resnet50"))
+    assert resnet.layer4[0].conv2.stride == (1, 1)
+    assert resnet.layer4[0].downsample[0].stride == (1, 1)
+    assert resnet.layer3[0].conv2.stride == (2, 2)
+
+
+def test_last_stride_1_removes_anti_aliasing_pool() -> None:
+    model = set_last_stride_1(timm_features("resnetblur18")).eval()
+    assert isinstance(model.layer4[0].aa, nn.Identity)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 512, 4, 4)
+
+
+def test_last_stride_1_refuses_unknown_downsampling() -> None:
+    class Strided(nn.Module):
+        """A made-up layer that downsamples."""
+
+        stride = 2
+
+    model = nn.Module()
+    model.layer4 = nn.Sequential(nn.Sequential(nn.Conv2d(2, 2, 3, stride=2), Strided()))
+    with pytest.raises(TypeError, match="Strided"):
+        set_last_stride_1(model)
+
+
+def test_unknown_backbone_lists_the_supported_names() -> None:
+    with pytest.raises(ValueError, match="resnest101e") as error:
+        create_backbone("vit_base_patch16_224")
+    assert all(name in str(error.value) for name in BACKBONES)
+
+
+def test_all_backbones_are_timm_architectures() -> None:
+    assert {"resnet50", "resnest101e", "resnest269e", "seresnet101_ibn_a",
+            "resnext101_32x4d_ibn_a", "resnet18", "resnet10t", "resnet34"} <= set(BACKBONES)
+    assert all(timm.is_model(spec.timm_name) for spec in BACKBONES.values())
+
+
+def test_pretrained_without_timm_weights_asks_for_a_file() -> None:
+    # timm has no ImageNet seresnet101; the IBN-Net release file must be given instead.
+    with pytest.raises(ValueError, match=re.escape("se_resnet101_ibn_a-fabed4e2.pth")):
+        create_backbone("seresnet101_ibn_a", pretrained=True)
+
+
+# --- pretrained weights from a file ------------------------------------------------------------
+
+
+def test_pretrained_path_loads_wrapped_prefixed_weights(tmp_path) -> None:
+    source, _ = create_backbone("resnet18_ibn_a")
+    randomize_norms(source, seed=5)
+    state = {f"module.{key}": value for key, value in source.state_dict().items()}
+    state["module.fc.weight"] = torch.randn(1000, 512)
+    state["module.fc.bias"] = torch.randn(1000)
+    path = tmp_path / "weights.pth"
+    torch.save({"state_dict": state}, path)
+
+    model = build_model("resnet18_ibn_a", 4, embedding_dim=8, pretrained_path=str(path))
+    loaded = model.backbone.state_dict()
+    assert loaded.keys() == source.state_dict().keys()
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_pretrained_path_with_a_missing_key_names_it(tmp_path) -> None:
+    source, _ = create_backbone("resnet18_ibn_a")
+    state = source.state_dict()
+    del state["layer2.1.bn1.IN.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "weights.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=re.escape("missing keys: ['layer2.1.bn1.IN.weight']")):
+        build_model("resnet18_ibn_a", 4, pretrained_path=path)
+    with pytest.raises(ValueError, match=re.escape("unexpected keys: ['extra.weight']")):
+        build_model("resnet18_ibn_a", 4, pretrained_path=path)
+
+
+def test_pretrained_path_with_a_wrong_shape_names_it(tmp_path) -> None:
+    source, _ = create_backbone("resnet10t")
+    state = source.state_dict()
+    state["conv1.0.weight"] = torch.zeros(1, 3, 3, 3)
+    path = tmp_path / "weights.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(ValueError, match=r"conv1\.0\.weight: file \(1, 3, 3, 3\)"):
+        create_backbone("resnet10t", pretrained_path=path)
+
+
+def test_map_ibn_net_keys_renames_the_se_block() -> None:
+    down, up, conv = torch.randn(16, 256), torch.randn(256, 16), torch.randn(64, 64, 1, 1)
+    mapped = map_ibn_net_keys({
+        "layer1.0.se.fc.0.weight": down,
+        "layer1.0.se.fc.2.weight": up,
+        "layer1.0.conv1.weight": conv,
+        "layer1.0.bn1.IN.weight": torch.ones(32),
+    })
+    assert set(mapped) == {
+        "layer1.0.se.fc1.weight", "layer1.0.se.fc1.bias",
+        "layer1.0.se.fc2.weight", "layer1.0.se.fc2.bias",
+        "layer1.0.conv1.weight", "layer1.0.bn1.IN.weight",
+    }
+    assert mapped["layer1.0.se.fc1.weight"].shape == (16, 256, 1, 1)
+    assert mapped["layer1.0.se.fc2.weight"].shape == (256, 16, 1, 1)
+    assert torch.equal(mapped["layer1.0.se.fc1.bias"], torch.zeros(16))
+    assert torch.equal(mapped["layer1.0.se.fc2.bias"], torch.zeros(256))
+    assert mapped["layer1.0.conv1.weight"] is conv
+
+    # timm's SEModule with the mapped weights computes IBN-Net's bias-free SELayer:
+    # x * sigmoid(W2 relu(W1 mean(x))).
+    se_module = timm_features("seresnet18").layer3[0].se
+    assert se_module.fc1.weight.shape == (16, 256, 1, 1)  # 256 channels, reduction 16
+    down, up = torch.randn(16, 256), torch.randn(256, 16)
+    se_module.load_state_dict(
+        {key.removeprefix("se."): value
+         for key, value in map_ibn_net_keys({"se.fc.0.weight": down, "se.fc.2.weight": up}).items()}
+    )
+    x = torch.randn(2, 256, 3, 3)
+    squeeze = x.double().mean(dim=(2, 3))
+    gate = torch.sigmoid(torch.relu(squeeze @ down.double().T) @ up.double().T)
+    expected = x.double() * gate[:, :, None, None]
+    torch.testing.assert_close(se_module(x).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ibn_net_style_se_checkpoint_loads(tmp_path) -> None:
+    # A checkpoint named the IBN-Net way (se.fc.0/2 without bias, IN/BN halves, fc classifier)
+    # for an SE-ResNet-IBN-a; seresnet18 stands in for seresnet101 to keep the file small.
+    source = set_last_stride_1(convert_ibn_a(timm_features("seresnet18")))
+    randomize_norms(source, seed=6)
+    ibn_net_state = {}
+    for key, value in source.state_dict().items():
+        if re.search(r"\.se\.fc[12]\.bias$", key):
+            continue  # IBN-Net's SE has no bias
+        key = re.sub(r"\.se\.fc1\.weight$", ".se.fc.0.weight", key)
+        key = re.sub(r"\.se\.fc2\.weight$", ".se.fc.2.weight", key)
+        ibn_net_state[key] = value.flatten(1) if ".se.fc." in key else value
+    ibn_net_state["fc.weight"] = torch.randn(1000, 512)
+    ibn_net_state["fc.bias"] = torch.randn(1000)
+    assert "layer1.0.se.fc.0.weight" in ibn_net_state
+    # (timm rounds 64 / 16 up to 8 here; seresnet101's SE widths are all exactly C / 16.)
+    assert ibn_net_state["layer1.0.se.fc.0.weight"].shape == (8, 64)
+    path = tmp_path / "se_resnet_ibn_a.pth"
+    torch.save(ibn_net_state, path)
+
+    target = set_last_stride_1(convert_ibn_a(timm_features("seresnet18")))
+    load_backbone_weights(target, path)
+    for key, value in target.state_dict().items():
+        if re.search(r"\.se\.fc[12]\.bias$", key):
+            assert torch.equal(value, torch.zeros_like(value)), key
+        else:
+            torch.testing.assert_close(value, source.state_dict()[key], rtol=0, atol=0, msg=key)
+
+
+# --- RetrievalNet ------------------------------------------------------------------------------
+
+
+def small_model(num_classes: int = 5, embedding_dim: int = 8) -> nn.Module:
+    """A resnet10t RetrievalNet, seeded."""
+    torch.manual_seed(0)
+    return build_model("resnet10t", num_classes, embedding_dim=embedding_dim)
+
+
+def test_retrieval_net_structure() -> None:
+    model = small_model(num_classes=5, embedding_dim=8)
+    assert model.neck.bias is None
+    assert model.neck.weight.shape == (8, 512)
+    assert model.head.weight.shape == (5, 8)
+    assert model.pool.p == 3.0
+    assert torch.equal(model.bn.bias, torch.zeros(8))
+    assert not model.bn.bias.requires_grad
+    assert count_parameters(model.backbone) == RESNET10T_PARAMS
+    assert count_parameters(model) == RESNET10T_PARAMS + 512 * 8 + 2 * 8 + 5 * 8
+    assert count_parameters(model, trainable_only=True) == count_parameters(model) - 8
+    # Xavier-uniform neck: |w| <= sqrt(6 / (fan_in + fan_out)).
+    assert model.neck.weight.abs().max().item() <= math.sqrt(6.0 / (512 + 8))
+
+
+def test_retrieval_net_forward_and_extract() -> None:
+    model = small_model(num_classes=5, embedding_dim=8)
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    labels = torch.tensor([0, 1, 4, 1])
+
+    logits, features = model(images, labels)
+    assert logits.shape == (4, 5)
+    assert features.shape == (4, 8)
+    torch.testing.assert_close(logits, model.head(features, labels))
+
+    randomize_norms(model, seed=8)
+    with torch.no_grad():
+        model.bn.bias.zero_()
+    model.eval()
+    with torch.no_grad():
+        features = model(images)
+        descriptors = model.extract(images)
+        feature_map = model.backbone(images)
+    assert features.shape == (4, 8)
+    # The head by hand in float64: GeM (p=3) -> x W^T -> eval-mode BN without shift.
+    pooled = feature_map.double().clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3)
+    projected = pooled @ model.neck.weight.double().T
+    bn = model.bn
+    expected = ((projected - bn.running_mean.double()) / (bn.running_var.double() + bn.eps).sqrt()
+                * bn.weight.double())
+    torch.testing.assert_close(features.double(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(descriptors.norm(dim=1), torch.ones(4))
+    torch.testing.assert_close(descriptors.double(), F.normalize(expected, dim=1),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_bn_bias_stays_zero_through_training_steps() -> None:
+    model = small_model(num_classes=5, embedding_dim=8)
+    optimizer = torch.optim.SGD(param_groups(model, lr=0.1, weight_decay=1e-3), momentum=0.9)
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    labels = torch.tensor([0, 1, 2, 3])
+    neck_before = model.neck.weight.detach().clone()
+    bn_weight_before = model.bn.weight.detach().clone()
+    for _ in range(2):
+        optimizer.zero_grad()
+        logits, _ = model(images, labels)
+        F.cross_entropy(logits, labels).backward()
+        assert model.bn.bias.grad is None
+        assert model.bn.weight.grad.abs().sum() > 0
+        optimizer.step()
+    assert torch.equal(model.bn.bias, torch.zeros(8))
+    assert not torch.equal(model.neck.weight, neck_before)
+    assert not torch.equal(model.bn.weight, bn_weight_before)
+
+
+def test_config_is_json_and_rebuilds_the_model() -> None:
+    model = build_model("resnet10t", 7, embedding_dim=16, gem_p=3.0, arcface_s=30.0,
+                        arcface_m=0.3)
+    assert model.config == {"backbone": "resnet10t", "num_classes": 7, "embedding_dim": 16,
+                            "gem_p": 3.0, "arcface_s": 30.0, "arcface_m": 0.3}
+    rebuilt = model_from_config(json.loads(json.dumps(model.config)))
+    assert rebuilt.config == model.config
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt.head.s == 30.0
+    assert rebuilt.head.m == 0.3
+    with pytest.raises(ValueError, match="pretrained"):
+        model_from_config({**model.config, "pretrained": True})
+
+
+# --- phase weights -----------------------------------------------------------------------------
+
+
+def test_load_phase_weights_grows_the_classifier() -> None:
+    old = small_model(num_classes=5, embedding_dim=8)
+    old.train()
+    with torch.no_grad():  # move the BN statistics away from their defaults
+        old(torch.randn(4, 3, 64, 64))
+    torch.manual_seed(1)
+    new = build_model("resnet10t", 9, embedding_dim=8)
+    fresh_head = new.head.weight.detach().clone()
+
+    saved = {f"module.{key}": value for key, value in old.state_dict().items()}  # DDP-saved
+    load_phase_weights(new, saved)
+
+    new_state, old_state = new.state_dict(), old.state_dict()
+    for key, value in old_state.items():
+        if key != "head.weight":
+            torch.testing.assert_close(new_state[key], value, rtol=0, atol=0, msg=key)
+    assert new.head.weight.shape == (9, 8)
+    torch.testing.assert_close(new.head.weight[:5], old.head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(new.head.weight[5:], fresh_head[5:], rtol=0, atol=0)
+
+
+def test_load_phase_weights_refuses_shrinking_and_other_mismatches() -> None:
+    big = small_model(num_classes=9, embedding_dim=8)
+    small = small_model(num_classes=5, embedding_dim=8)
+    with pytest.raises(ValueError, match=r"head\.weight"):
+        load_phase_weights(small, big.state_dict())
+    wider = small_model(num_classes=5, embedding_dim=16)
+    with pytest.raises(ValueError, match=r"neck\.weight"):
+        load_phase_weights(small, wider.state_dict())
+    state = small.state_dict()
+    del state["bn.running_mean"]
+    with pytest.raises(ValueError, match=r"missing keys \['bn\.running_mean'\]"):
+        load_phase_weights(small, state)
+
+
+# --- optimizer groups --------------------------------------------------------------------------
+
+
+def test_param_groups_double_the_bias_learning_rate() -> None:
+    model = small_model(num_classes=5, embedding_dim=8)
+    groups = param_groups(model, lr=0.01, weight_decay=1e-4)
+    assert [group["lr"] for group in groups] == [0.01, 0.02]
+    assert all(group["weight_decay"] == 1e-4 for group in groups)
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    weight_names = [names[id(p)] for p in groups[0]["params"]]
+    bias_names = [names[id(p)] for p in groups[1]["params"]]
+    assert all(name.endswith(".bias") for name in bias_names)
+    assert not any(name.endswith(".bias") for name in weight_names)
+    assert "head.weight" in weight_names
+    assert "neck.weight" in weight_names
+    assert "bn.bias" not in bias_names
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert sorted(weight_names + bias_names) == sorted(trainable)
+    assert len(set(weight_names + bias_names)) == len(trainable)

@@ -1,0 +1,191 @@
+"""Training: schedule, samplers, a tiny real run, kill-and-resume, DDP on CPU, recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from glr import shards, train
+from glr.data import mix
+from glr.data.samplers import continent_group_probs
+from glr.model import build_model
+from glr.params import ContinentParams, Params, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_lr_warmup_then_cosine():
+    factors = [train.lr_factor(step, 4, 20) for step in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == 1.0 and factors[12] == pytest.approx(0.5)
+    assert factors[19] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 16)))
+    assert all(a >= b for a, b in itertools.pairwise(factors[4:]))
+    assert train.lr_factor(0, 0, 10) == 1.0  # no warmup
+
+
+def _manifest(continent, clean, samples):
+    return {"continent": continent, "clean": clean, "samples": samples}
+
+
+def test_continent_probabilities():
+    manifests = [_manifest("Asia", True, 300), _manifest("Asia", True, 100),
+                 _manifest("Asia", False, 50), _manifest("Europe", True, 10),
+                 _manifest("Africa", False, 7)]
+    params = ContinentParams(asia=0.5, europe=0.3, africa=0.2, north_america=0.0,
+                             south_america=0.0, antarctica=0.0, oceania=0.0, other=0.0)
+    probs = continent_group_probs(manifests, params)
+    assert probs == pytest.approx([0.5 * 0.66 * 0.75, 0.5 * 0.66 * 0.25, 0.5 * 0.34, 0.3, 0.2])
+    # continents without images drop out and the rest is renormalized
+    probs = continent_group_probs(manifests[:3], ContinentParams())
+    assert sum(probs) == pytest.approx(1.0) and probs[2] == pytest.approx(0.34)
+
+
+def test_continent_sampler_proportions_over_100k_draws():
+    manifests = [_manifest("Asia", True, 500), _manifest("Asia", False, 300),
+                 _manifest("Europe", True, 200), _manifest("Europe", False, 100),
+                 _manifest("Africa", True, 50), _manifest("North America", False, 80),
+                 _manifest("OTHER", True, 5)]
+    probs = continent_group_probs(manifests, ContinentParams())
+
+    def endless(value):
+        while True:
+            yield value
+
+    stream = mix([endless(i) for i in range(len(manifests))], probs, random.Random(0))
+    draws = Counter(next(stream) for _ in range(100_000))
+    continents = Counter()
+    clean = Counter()
+    for group, count in draws.items():
+        continents[manifests[group]["continent"]] += count
+        clean[manifests[group]["continent"], manifests[group]["clean"]] += count
+    present = 0.5 + 0.2 + 0.15 + 0.1 + 0.01  # South America, Antarctica, Oceania have no images
+    for continent, p in (("Asia", 0.5), ("Europe", 0.2), ("Africa", 0.15),
+                         ("North America", 0.1), ("OTHER", 0.01)):
+        assert abs(continents[continent] / 100_000 - p / present) < 0.02, continent
+    assert abs(clean["Asia", True] / continents["Asia"] - 0.66) < 0.02
+    assert abs(clean["Europe", True] / continents["Europe"] - 0.66) < 0.02
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+def tiny_params(base: Params, **train_changes) -> Params:
+    """resnet10t at 32 px, 2 phases of 2 epochs on the small shards; fp32 for determinism."""
+    raw = {
+        "data": dataclasses.asdict(base.data), "shard": dataclasses.asdict(base.shard),
+        "model": {"backbones": ["resnet10t"], "size": 32, "embedding_dim": 32},
+        "train": {"workers": 0, "checkpoint_every": 1, "precision": "fp32",
+                  "shuffle_buffer": 50,
+                  "phases": [
+                      {"index": 0, "name": "p1", "init": "pretrained", "list": "clean",
+                       "epochs": 3, "lr": 0.05, "batch": 8, "warmup_epochs": 1.0, "pad": 2},
+                      {"index": 1, "name": "p2", "init": "p1", "list": "all", "epochs": 1,
+                       "lr": 0.01, "batch": 8, "warmup_epochs": 0.0, "pad": 2,
+                       "sampler": "continent"}]},
+    }
+    raw["train"].update(train_changes)
+    return parse_params(raw)
+
+
+@pytest.fixture(scope="module")
+def shard_dir(small_pipeline, tmp_path_factory):
+    params, prepared = small_pipeline
+    out = tmp_path_factory.mktemp("train") / "shards"
+    shards.main(params, prepared, out, out.parent / "m.json", progress=False)
+    return out
+
+
+def run_phase(params, shard_dir, root: Path, phase: str, stop_after_epochs=None):
+    plan = train.plan_phase(params, "resnet10t", phase, shard_dir, root / "models",
+                            root / "runs", world=1)
+    return train.train_phase(params, plan, shard_dir, root / "metrics" / f"{phase}.tsv",
+                             train.Dist(), stop_after_epochs=stop_after_epochs)
+
+
+def test_two_phases_grow_the_classifier_and_write_models(small_pipeline, shard_dir, tmp_path):
+    params = tiny_params(small_pipeline[0])
+    train.init_main(params, "resnet10t", tmp_path / "models")
+    run_phase(params, shard_dir, tmp_path, "p1")
+    run_phase(params, shard_dir, tmp_path, "p2")
+    p1 = load_file(str(tmp_path / "models/resnet10t/p1/model.safetensors"))
+    p2_model, config = train.load_model(tmp_path / "models/resnet10t/p2")
+    lists = shards.read_lists(shard_dir)
+    classes = {name: 1 + max(shards.read_manifest(shard_dir, g)["max_label"]
+                             for g in lists[name]) for name in ("clean", "all")}
+    assert p1["head.weight"].shape[0] == classes["clean"]
+    assert p2_model.head.weight.shape[0] == classes["all"] > classes["clean"]
+    assert config["phase"]["list"] == "all" and config["size"] == 32
+    history = (tmp_path / "metrics/p1.tsv").read_text().splitlines()
+    assert history[0].split("\t") == ["epoch", "loss", "top1", "lr", "images_per_s"]
+    assert len(history) == 4  # header + 3 epochs
+    assert list((tmp_path / "runs/resnet10t/p1/tensorboard").iterdir())
+
+
+def test_kill_and_resume_reaches_the_same_weights(small_pipeline, shard_dir, tmp_path):
+    params = tiny_params(small_pipeline[0])
+    for name in ("straight", "resumed"):
+        train.init_main(params, "resnet10t", tmp_path / name / "models")
+    run_phase(params, shard_dir, tmp_path / "straight", "p1")
+    with pytest.raises(KeyboardInterrupt):
+        run_phase(params, shard_dir, tmp_path / "resumed", "p1", stop_after_epochs=1)
+    assert not (tmp_path / "resumed/models/resnet10t/p1").exists()
+    run_phase(params, shard_dir, tmp_path / "resumed", "p1")
+    straight = load_file(str(tmp_path / "straight/models/resnet10t/p1/model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed/models/resnet10t/p1/model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    history = (tmp_path / "resumed/metrics/p1.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in history[1:]] == ["1", "2", "3"]
+
+
+def test_torchrun_two_processes_on_cpu(small_pipeline, shard_dir, tmp_path):
+    params = tiny_params(small_pipeline[0], processes=2)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(dataclasses.asdict(params), sort_keys=False))
+    train.init_main(params, "resnet10t", tmp_path / "models")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    result = subprocess.run(
+        [sys.executable, "-m", "glr", "train", "--params", str(params_file),
+         "--backbone", "resnet10t", "--phase", "p1", "--shards", str(shard_dir),
+         "--models", str(tmp_path / "models"), "--runs", str(tmp_path / "runs"),
+         "--metrics", str(tmp_path / "metrics")],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "starting 2 processes" in result.stderr
+    _, config = train.load_model(tmp_path / "models/resnet10t/p1")
+    assert config["world_size"] == 2 and config["effective_batch"] == 16
+    assert len((tmp_path / "metrics/resnet10t/p1.tsv").read_text().splitlines()) == 4
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_recipes_load_and_their_models_run(recipe):
+    params = load_params(recipe)
+    assert params.train.phases
+    for backbone in params.model.backbones:
+        model = build_model(backbone, 10, embedding_dim=params.model.embedding_dim).eval()
+        with torch.no_grad():
+            features = model.extract(torch.randn(1, 3, 64, 64))
+        assert features.shape == (1, params.model.embedding_dim)
+        assert torch.allclose(features.norm(dim=1), torch.ones(1), atol=1e-4)
+
+
+def test_repo_params_phases_chain():
+    params = load_params(REPO / "params.yaml")
+    assert [p.init for p in params.train.phases] == ["pretrained", "p1"]
+    assert params.train.phases[1].sampler == "continent"
