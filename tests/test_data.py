@@ -131,14 +131,16 @@ def _collect(dataset, rank, world, monkeypatch, workers=2):
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", str(world))
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
-    return [item[1] for item in loader]
+    return [(int(item[1]), int(item[2])) for item in loader]  # (shard number, position)
 
 
 def test_extraction_splits_disjointly_over_2_ranks_and_2_workers(shard_dir, monkeypatch):
-    dataset = ExtractStream(shard_dir, ["eval_index"], EvalTransform(32))
+    urls = shards.shard_urls(shard_dir, ["eval_index"])
+    total = shards.group_samples(shard_dir, ["eval_index"])
+    dataset = ExtractStream(urls, EvalTransform(32))
     parts = [_collect(dataset, rank, 2, monkeypatch) for rank in range(2)]
     everything = _collect(dataset, 0, 1, monkeypatch, workers=0)
-    assert len(everything) == dataset.total
+    assert len(everything) == total == len(set(everything))
     assert sorted(parts[0] + parts[1]) == sorted(everything)
     assert not set(parts[0]) & set(parts[1]) and all(parts)
 

@@ -30,7 +30,8 @@ def test_empty_file_gives_defaults():
 @pytest.mark.parametrize(("raw", "message"), [
     ({"synth": {"clean_landmark": 5}},
      r"unknown key synth\.clean_landmark; allowed keys in synth: .*clean_landmarks"),
-    ({"trian": {}}, r"unknown key trian; allowed keys: data, model, prepare, shard, synth, train"),
+    ({"trian": {}}, r"unknown key trian; allowed keys: data, extract, model, prepare, "
+                    r"retrieve, shard, synth, train"),
     ({"synth": {"seed": "one"}}, r"synth\.seed: expected an integer, got 'one'"),
     ({"synth": {"seed": True}}, r"synth\.seed: expected an integer, got True"),
     ({"synth": {"jpeg_quality": 101}}, r"synth\.jpeg_quality: 101 is out of range; "

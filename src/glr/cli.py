@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from glr.gldv2 import GLDv2FormatError
+from glr.metric import MetricError
 from glr.params import DEFAULT_PARAMS, ParamsError, load_params
 from glr.shards import ShardError
 
@@ -72,6 +73,34 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     train.main(load_params(args.params), args.backbone, args.phase, args.shards, args.models,
                args.runs, args.metrics, argv=sys.argv[1:])
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from glr import extract
+
+    out = args.out or Path("data/features") / args.backbone
+    extract.main(load_params(args.params), args.backbone, args.shards, args.models, out,
+                 args.runs, phase=args.phase, argv=sys.argv[1:])
+
+
+def cmd_retrieve(args: argparse.Namespace) -> None:
+    from glr import retrieve
+
+    retrieve.main(load_params(args.params), args.features, args.out)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from glr import evaluate
+
+    if args.submission is not None:
+        if args.solution is None:
+            raise ParamsError("--submission needs --solution (a GLDv2 solution CSV)")
+        evaluate.standalone(args.solution, args.submission, args.out)
+        return
+    params = load_params(args.params)
+    solution = args.solution or Path(params.data.root) / "test" / "retrieval_solution_v2.1.csv"
+    evaluate.main(params, args.retrieval, solution, args.out or Path("metrics/evaluate.json"),
+                  args.curve)
 
 
 def cmd_bench_prepare(args: argparse.Namespace) -> None:
@@ -182,6 +211,63 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per-epoch TSV for `dvc plots` (default: %(default)s)")
     train.set_defaults(func=cmd_train)
 
+    ext = stages.add_parser(
+        "extract", help="features of queries, evaluation index and references",
+        description="Extract L2-normalized features with a backbone's model (the last phase, "
+                    "or --phase / params extract.phase): the validation queries, the "
+                    "evaluation index and the reference set (about 4.9M images on GLDv2). "
+                    "Resumable per shard; torchrun when params extract.processes > 1. Reads: "
+                    "SHARDS, MODELS/<backbone>/<phase>/; params `extract`, model.size. Writes: "
+                    "OUT/{query,index,ref}.npy (float16) with .parquet id tables and info.json.")
+    _add_params(ext)
+    ext.add_argument("--backbone", required=True, help="one of params model.backbones")
+    ext.add_argument("--phase", default=None, help="model phase (default: params)")
+    ext.add_argument("--shards", type=Path, default=Path("data/shards"),
+                     help="shard folder (default: %(default)s)")
+    ext.add_argument("--models", type=Path, default=Path("models"),
+                     help="models folder (default: %(default)s)")
+    ext.add_argument("--out", type=Path, default=None,
+                     help="output folder (default: data/features/<backbone>)")
+    ext.add_argument("--runs", type=Path, default=Path("runs"),
+                     help="resumable per-shard parts (default: %(default)s)")
+    ext.set_defaults(func=cmd_extract)
+
+    ret = stages.add_parser(
+        "retrieve", help="search, Landmark-Country rerank, ensemble, Kaggle submission",
+        description="Exact cosine search of the evaluation index per backbone, the "
+                    "Landmark-Country aware rerank with the cached reference features (streamed "
+                    "in blocks), the weighted ensemble. Reads: FEATURES/<backbone>/ of every "
+                    "backbone; params `retrieve`, model.backbones. Writes: OUT/submission.csv "
+                    "(Kaggle format), OUT/topk/<variant>.parquet (top-k ids and scores before and "
+                    "after the rerank, per backbone and ensemble), OUT/variants.json.")
+    _add_params(ret)
+    ret.add_argument("--features", type=Path, default=Path("data/features"),
+                     help="features folder (default: %(default)s)")
+    ret.add_argument("--out", type=Path, default=Path("data/retrieval"),
+                     help="output folder (default: %(default)s)")
+    ret.set_defaults(func=cmd_retrieve)
+
+    ev = stages.add_parser(
+        "evaluate", help="mAP@100 (official GLDv2 definition), precision@k, recall@100",
+        description="Standalone: --solution SOLUTION.csv --submission SUBMISSION.csv [--out "
+                    "METRICS.json] scores any Kaggle-format submission against a GLDv2-format "
+                    "solution. As a stage (no --submission): scores every ranking of RETRIEVAL "
+                    "against the solution under params data.root. Reads: RETRIEVAL/topk/*, "
+                    "the solution CSV. Writes: OUT (default metrics/evaluate.json) and CURVE "
+                    "(precision@k per variant for `dvc plots`).")
+    _add_params(ev)
+    ev.add_argument("--solution", type=Path, default=None,
+                    help="GLDv2 solution CSV (default: <data.root>/test/"
+                         "retrieval_solution_v2.1.csv)")
+    ev.add_argument("--submission", type=Path, default=None,
+                    help="a Kaggle-format submission to score on its own")
+    ev.add_argument("--out", type=Path, default=None, help="metrics JSON to write")
+    ev.add_argument("--retrieval", type=Path, default=Path("data/retrieval"),
+                    help="retrieve's output folder (default: %(default)s)")
+    ev.add_argument("--curve", type=Path, default=Path("metrics/precision_at_k.tsv"),
+                    help="precision@k per variant (default: %(default)s)")
+    ev.set_defaults(func=cmd_evaluate)
+
     bench = stages.add_parser("bench", help="benchmarks (results written to files)")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="<benchmark>")
     bench_prep = benches.add_parser(
@@ -223,9 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing
     try:
         args.func(args)
-    except (ParamsError, GLDv2FormatError, ShardError) as err:
+    except (ParamsError, GLDv2FormatError, ShardError, MetricError) as err:
         log.error("%s", err)
         return 2
     return 0

@@ -161,8 +161,8 @@ class PhaseParams:
     name: str = _spec("p1", help="models/<backbone>/<name>/ holds the result")
     init: str = _spec(FIRST_INIT, help="the phase this one starts from; 'pretrained' first")
     list: ListName = _spec("clean", help="training list: clean | c2x | full | all")
-    epochs: int = _spec(6, min=1)
-    lr: float = _spec(0.02, min=0.0, max=10.0, help="base learning rate")
+    epochs: int = _spec(12, min=1)
+    lr: float = _spec(0.1, min=0.0, max=10.0, help="base learning rate")
     batch: int = _spec(32, min=1, help="images per process and step")
     weight_decay: float = _spec(5e-4, min=0.0, max=1.0)
     warmup_epochs: float = _spec(1.0, min=0.0, help="linear warmup, counted in epochs")
@@ -212,7 +212,7 @@ class ContinentParams:
 
 def _default_phases() -> list[PhaseParams]:
     return [PhaseParams(),
-            PhaseParams(index=1, name="p2", init="p1", list="all", epochs=3, lr=0.01,
+            PhaseParams(index=1, name="p2", init="p1", list="all", epochs=4, lr=0.01,
                         warmup_epochs=0.0, sampler="continent")]
 
 
@@ -256,6 +256,40 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
+class ExtractParams:
+    """Feature extraction (glr extract) of queries, evaluation index and references."""
+
+    batch: int = _spec(64, min=1)
+    workers: int = _spec(2, min=0, max=64, help="DataLoader workers per process")
+    processes: int = _spec(1, min=1, max=1024, help="per node (torchrun --nproc_per_node)")
+    scales: list[float] = _spec([1.0], min=0.1, max=4.0,
+                                help="multi-scale: e.g. [0.707, 1.0, 1.414]")
+    phase: str | None = _spec(None, help="model phase to extract with; null: the last one")
+
+
+@dataclass(frozen=True)
+class RetrieveParams:
+    """Search, Landmark-Country rerank and ensemble (glr retrieve); method.md's values."""
+
+    k: int = _spec(100, min=1, max=1000, help="index ids per query in the submission")
+    rerank: bool = _spec(True, help="the Landmark-Country aware rerank")
+    alpha: float = _spec(1.0, min=0.0, help="weight of a same-landmark tag")
+    beta: float = _spec(0.1, min=0.0, help="weight of a same-country tag")
+    k_neighbors: int = _spec(30, min=1, help="references per query (and per neighbour)")
+    k1: int = _spec(10, min=1)
+    k2: int = _spec(3, min=1)
+    lambda_value: float = _spec(0.5, min=0.0, max=1.0, help="weight of the original distance")
+    top: int = _spec(3, min=1, help="best references that tag a query")
+    full_kr: bool = _spec(False, help="full k-reciprocal rerank of queries vs index (off as "
+                                      "in the authors' submission)")
+    full_kr_k1: int = _spec(10, min=1)
+    full_kr_k2: int = _spec(3, min=1)
+    full_kr_lambda: float = _spec(0.3, min=0.0, max=1.0)
+    weights: list[float] = _spec([], min=0.0, help="ensemble weight per backbone; [] = all 1")
+    block_rows: int = _spec(262_144, min=1, help="reference rows searched at a time")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     synth: SynthParams = field(default_factory=SynthParams)
@@ -263,6 +297,8 @@ class Params:
     shard: ShardParams = field(default_factory=ShardParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
+    extract: ExtractParams = field(default_factory=ExtractParams)
+    retrieve: RetrieveParams = field(default_factory=RetrieveParams)
 
 
 # --------------------------------------------------------------------------- validation

@@ -13,7 +13,8 @@ or an initialized process group).
   (split over its workers), so every rank runs the same number of steps; random streams are
   seeded by (seed, epoch, rank, worker): different on every rank and worker, the same on a
   rerun.
-- `ExtractStream`: every sample of the groups once, shards split across ranks and workers.
+- `ExtractStream`: every sample of given shards once, shards split across ranks and workers,
+  each sample tagged with its shard number and position for a deterministic reassembly.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 from webdataset.utils import pytorch_worker_info
 
-from glr.shards import read_manifest, shard_urls
+from glr.shards import shard_urls
 
 
 def stream_seed(*parts: int) -> int:
@@ -156,17 +157,20 @@ class TrainStream(IterableDataset):
 
 
 class ExtractStream(IterableDataset):
-    """Every sample of the groups once, as (uint8 image, id); shards split by rank, worker."""
+    """Every sample of some shards once, as (uint8 image, shard number, position, meta JSON).
 
-    def __init__(self, shard_dir: Path, groups: list[str],
-                 transform: Callable[[bytes], torch.Tensor]):
+    `urls` are split across ranks, then workers; the shard number is the index into `urls`, so
+    a caller can put every feature back in a fixed order whatever the process layout.
+    """
+
+    def __init__(self, urls: list[str], transform: Callable[[bytes], torch.Tensor]):
         super().__init__()
-        self.urls = shard_urls(Path(shard_dir), list(groups))
-        self.total = sum(read_manifest(Path(shard_dir), g)["samples"] for g in groups)
+        self.urls = list(urls)
         self.transform = transform
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int, str]]:
         rank, world, worker, workers = pytorch_worker_info()
-        for sample in _samples(self.urls[rank::world][worker::workers]):
-            meta = json.loads(sample["json"])
-            yield self.transform(sample["jpg"]), meta["id"]
+        numbers = list(range(len(self.urls)))[rank::world][worker::workers]
+        for number in numbers:
+            for position, sample in enumerate(_samples([self.urls[number]])):
+                yield self.transform(sample["jpg"]), number, position, sample["json"].decode()

@@ -1,0 +1,217 @@
+"""Stage `extract`: features of the validation queries, the evaluation index and the reference
+set, with a backbone's last-phase model; the cached features are DVC-tracked artifacts.
+
+Writes `data/features/<backbone>/`:
+
+    query.npy, index.npy, ref.npy      float16 (N, D), L2-normalized rows
+    query.parquet, index.parquet       id (row order of the matching .npy)
+    ref.parquet                        id, label, country, continent
+    info.json                          model folder, size, scales, counts
+
+Batched, mixed precision (fp16 on CUDA, bf16 on CPU), channels_last, DataLoader workers;
+optional multi-scale (e.g. 0.707, 1, 1.414: side rounded down to a multiple of 16, features
+averaged then re-normalized). Under torchrun each rank extracts a disjoint set of shards. Every
+finished shard is saved at once under `runs/extract/<backbone>/<fingerprint>/`, so an
+interrupted run resumes where it stopped; rank 0 then assembles the parts in shard order, so
+the result does not depend on the number of processes or workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from glr import shards
+from glr.data import EvalTransform, ExtractStream, normalize
+from glr.params import Params
+from glr.train import (
+    WEIGHTS,
+    Dist,
+    file_digest,
+    load_model,
+    relaunch_under_torchrun,
+    setup_distributed,
+)
+
+log = logging.getLogger(__name__)
+
+SETS = ("query", "index", "ref")
+FORMAT = 1  # bump when the features written for the same model and settings change
+
+
+def set_groups(shard_dir: Path) -> dict[str, list[str]]:
+    """The shard groups of each feature set."""
+    return {"query": ["query"], "index": ["eval_index"],
+            "ref": shards.read_lists(shard_dir)["reference"]}
+
+
+def scaled_sides(size: int, scales: list[float]) -> list[int]:
+    """Input side per scale: size × scale rounded down to a multiple of 16 (size itself at 1)."""
+    return [size if scale == 1.0 else max(16, int(size * scale) // 16 * 16) for scale in scales]
+
+
+def embed(model: torch.nn.Module, images: torch.Tensor, sides: list[int], autocast
+          ) -> torch.Tensor:
+    """L2-normalized features of a normalized float batch, averaged over input sides."""
+    total = None
+    for side in sides:
+        batch = images if side == images.shape[-1] else F.interpolate(
+            images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        with autocast:
+            features = model(batch.contiguous(memory_format=torch.channels_last)).float()
+        features = F.normalize(features, dim=1)
+        total = features if total is None else total + features
+    assert total is not None
+    return F.normalize(total, dim=1)
+
+
+def fingerprint(model_dir: Path, size: int, scales: list[float]) -> str:
+    blob = json.dumps({"weights": file_digest(model_dir / WEIGHTS), "size": size,
+                       "scales": scales, "format": FORMAT}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def extract_parts(model: torch.nn.Module, urls: list[str], counts: list[int], parts: Path,
+                  size: int, scales: list[float], batch: int, workers: int, env: Dist,
+                  desc: str) -> None:
+    """Features of every shard in `urls` not yet in `parts`; one .npy + .json per shard."""
+    parts.mkdir(parents=True, exist_ok=True)
+    mine = list(range(len(urls)))[env.rank::env.world]
+    todo = [n for n in mine if not (parts / f"{n:06d}.npy").is_file()]
+    for number in [n for n in todo if counts[n] == 0]:  # every image of the shard was bad
+        _save_part(parts, number, [], dim=0)
+    todo = [n for n in todo if counts[n] > 0]
+    if not todo:
+        return
+    stream = ExtractStream([urls[n] for n in todo], EvalTransform(size))
+    loader = DataLoader(stream, batch_size=batch, num_workers=workers,
+                        pin_memory=env.device.type == "cuda")
+    autocast = (torch.autocast("cuda", dtype=torch.float16) if env.device.type == "cuda"
+                else torch.autocast("cpu", dtype=torch.bfloat16))
+    sides = scaled_sides(size, scales)
+    pending: dict[int, list[tuple[int, np.ndarray, str]]] = {}
+    bar = tqdm(total=sum(counts[n] for n in todo), desc=desc, unit="img",
+               disable=not env.main)
+    with torch.inference_mode():
+        for images, numbers, positions, metas in loader:
+            images = normalize(images.to(env.device, non_blocking=True))
+            features = embed(model, images, sides, autocast).cpu().numpy().astype(np.float16)
+            for row, (local, position) in enumerate(zip(numbers.tolist(), positions.tolist(),
+                                                        strict=True)):
+                number = todo[local]
+                pending.setdefault(number, []).append((position, features[row], metas[row]))
+                if len(pending[number]) == counts[number]:
+                    _save_part(parts, number, pending.pop(number))
+            bar.update(len(images))
+    bar.close()
+    if pending:
+        raise RuntimeError(f"incomplete shards {sorted(pending)} in {parts}: the shards hold "
+                           "fewer samples than their manifests say")
+
+
+def _save_part(parts: Path, number: int, rows: list[tuple[int, np.ndarray, str]],
+               dim: int | None = None) -> None:
+    rows.sort(key=lambda row: row[0])
+    tmp = parts / f".{number:06d}.tmp{os.getpid()}.npy"
+    (parts / f"{number:06d}.json").write_text(json.dumps([json.loads(r[2]) for r in rows]))
+    features = (np.stack([r[1] for r in rows]) if rows
+                else np.zeros((0, dim or 0), dtype=np.float16))
+    np.save(tmp, features)
+    tmp.replace(parts / f"{number:06d}.npy")  # last: a .npy marks a finished shard
+
+
+def assemble(parts: Path, num_shards: int, out_npy: Path, out_table: Path,
+             columns: list[str], dim: int) -> int:
+    """Concatenate the parts in shard order into one float16 .npy and one id table."""
+    metas: list[dict] = []
+    counts = []
+    for number in range(num_shards):
+        part_meta = json.loads((parts / f"{number:06d}.json").read_text())
+        metas += part_meta
+        counts.append(len(part_meta))
+    tmp = out_npy.with_name(f".{out_npy.name}.tmp{os.getpid()}.npy")
+    matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                       shape=(len(metas), dim))
+    row = 0
+    for number, count in enumerate(counts):
+        if count:  # stream part by part: never the whole matrix in memory
+            matrix[row: row + count] = np.load(parts / f"{number:06d}.npy")
+        row += count
+    matrix.flush()
+    del matrix
+    tmp.replace(out_npy)
+    table = pd.DataFrame(metas)
+    table = table[[c for c in columns if c in table.columns]]
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), out_table)
+    return len(metas)
+
+
+def last_phase(params: Params) -> str:
+    return params.train.phases[-1].name
+
+
+def main(params: Params, backbone: str, shard_dir: Path, models_dir: Path, out_dir: Path,
+         runs_dir: Path, phase: str | None = None, argv: list[str] | None = None) -> dict:
+    settings = params.extract
+    if settings.processes > 1 and "LOCAL_RANK" not in os.environ and argv is not None:
+        relaunch_under_torchrun(settings.processes, argv)
+    env = setup_distributed()
+    try:
+        return _extract(params, backbone, Path(shard_dir), Path(models_dir), Path(out_dir),
+                        Path(runs_dir), phase or settings.phase or last_phase(params), env)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _extract(params: Params, backbone: str, shard_dir: Path, models_dir: Path, out_dir: Path,
+             runs_dir: Path, phase: str, env: Dist) -> dict:
+    settings = params.extract
+    model_dir = models_dir / backbone / phase
+    model, config = load_model(model_dir)
+    model = model.to(env.device, memory_format=torch.channels_last).eval()
+    size = params.model.size
+    key = fingerprint(model_dir, size, settings.scales)
+    work = runs_dir / "extract" / backbone / key
+    if env.main:
+        log.info("%s: extracting with %s at %d px (scales %s) on %d process(es); parts in %s",
+                 backbone, model_dir, size, settings.scales, env.world, work)
+    groups = set_groups(shard_dir)
+    for name in SETS:
+        entries = [(str(shard_dir / g / e["file"]), e["samples"]) for g in groups[name]
+                   for e in shards.read_manifest(shard_dir, g)["shards"]]
+        urls, counts = [u for u, _ in entries], [c for _, c in entries]
+        extract_parts(model, urls, counts, work / name, size, settings.scales, settings.batch,
+                      settings.workers, env, desc=f"{backbone} {name}")
+    if dist.is_initialized():
+        dist.barrier()
+    summary: dict = {}
+    if env.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dim = config["model"]["embedding_dim"]
+        for name in SETS:
+            num_shards = sum(len(shards.read_manifest(shard_dir, g)["shards"])
+                             for g in groups[name])
+            columns = ["id", "label", "country", "continent"] if name == "ref" else ["id"]
+            summary[name] = assemble(work / name, num_shards, out_dir / f"{name}.npy",
+                                     out_dir / f"{name}.parquet", columns, dim)
+        info = {"backbone": backbone, "model": str(model_dir), "phase": phase, "size": size,
+                "scales": settings.scales, "dim": dim, "counts": summary,
+                "processes": env.world}
+        (out_dir / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+        log.info("%s: %d query, %d index, %d reference features -> %s", backbone,
+                 summary["query"], summary["index"], summary["ref"], out_dir)
+    return summary

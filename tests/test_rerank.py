@@ -1,0 +1,378 @@
+"""glr.rerank against plain loop implementations, hand-computed cases and memory-mapped inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from glr import rerank, search
+from glr.rerank import QueryTags
+
+DIM, NUM_CLASSES, NUM_COUNTRIES = 16, 12, 5
+
+
+# ---------------------------------------------------------------- data
+
+
+def unit_rows(data: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm, float32."""
+    data = data.astype(np.float32)
+    return data / np.linalg.norm(data, axis=1, keepdims=True)
+
+
+def landmark_data(seed: int, num_queries: int = 7, num_index: int = 40, num_refs: int = 300):
+    """Clustered features: each image lies near the center of its landmark class."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((NUM_CLASSES, DIM))
+    class_country = rng.integers(0, NUM_COUNTRIES, NUM_CLASSES)
+
+    def around(classes: np.ndarray) -> np.ndarray:
+        return unit_rows(centers[classes] + 2.0 * rng.standard_normal((len(classes), DIM)))
+
+    ref_labels = rng.integers(0, NUM_CLASSES, num_refs)
+    # Mostly the landmark's country, sometimes another (photos of one landmark from abroad).
+    ref_countries = np.where(rng.random(num_refs) < 0.8, class_country[ref_labels],
+                             rng.integers(0, NUM_COUNTRIES, num_refs))
+    queries = around(rng.integers(0, NUM_CLASSES, num_queries))
+    index = around(rng.integers(0, NUM_CLASSES, num_index))
+    return queries, index, around(ref_labels), ref_labels, ref_countries
+
+
+# ---------------------------------------------------------------- loop reference implementations
+
+
+def ref_nearest(database: np.ndarray, vector: np.ndarray, k: int) -> list[int]:
+    """Ids of the k rows with the highest inner product, ties to the lower id."""
+    scores = [float(np.dot(row, vector)) for row in database]
+    return sorted(range(len(database)), key=lambda j: (-scores[j], j))[:k]
+
+
+def ref_k_reciprocal(features: np.ndarray, k1: int, k2: int, lambda_value: float,
+                     rows: list[int] | None = None) -> np.ndarray:
+    """Zhong et al.'s re-ranking, step by step as in the paper and its reference code."""
+    cosine = features @ features.T
+    original = (1 - cosine) / 2
+    n = len(features)
+    rank = np.argsort(original, axis=1, kind="stable")
+
+    def k_reciprocal_set(i: int, k: int) -> list[int]:
+        """R(i, k): the members of N(i, k) that have i in their own N(·, k)."""
+        return [int(j) for j in rank[i, : k + 1] if i in rank[j, : k + 1]]
+
+    weights = np.zeros((n, n))
+    for i in range(n):
+        reciprocal = k_reciprocal_set(i, k1)
+        expanded = list(reciprocal)
+        for candidate in reciprocal:
+            half = k_reciprocal_set(candidate, int(np.around(k1 / 2)))
+            if len(set(half) & set(reciprocal)) > 2 / 3 * len(half):
+                expanded += half
+        expanded = sorted(set(expanded))
+        gaussian = {j: np.exp(-float(original[i, j])) for j in expanded}
+        total = sum(gaussian.values())
+        for j, value in gaussian.items():
+            weights[i, j] = value / total
+    if k2 > 1:
+        weights = np.array([weights[rank[i, :k2]].mean(axis=0) for i in range(n)])
+
+    rows = list(range(n)) if rows is None else rows
+    final = np.zeros((len(rows), n))
+    for a, i in enumerate(rows):
+        for j in range(n):
+            sum_min = sum(min(weights[i, c], weights[j, c]) for c in range(n))
+            sum_max = sum(max(weights[i, c], weights[j, c]) for c in range(n))
+            jaccard = 1 - sum_min / sum_max
+            final[a, j] = (1 - lambda_value) * jaccard + lambda_value * original[i, j]
+    return final
+
+
+def ref_weighted_tags(tags: list[int], similarities: list[float]) -> list[tuple[int, float]]:
+    """Each distinct tag with its share of the similarity, by share desc then first appearance."""
+    shares: dict[int, float] = {}
+    for tag, similarity in zip(tags, similarities, strict=True):
+        shares[tag] = shares.get(tag, 0.0) + similarity
+    total = sum(similarities)
+    ordered = sorted(shares.items(), key=lambda item: -item[1])  # sorted() is stable
+    return [(tag, share / total) for tag, share in ordered]
+
+
+def ref_query_tags(queries, references, ref_labels, ref_countries, k_neighbors, k1, k2,
+                   lambda_value, top):
+    """Per query: the union set, the k-reciprocal similarity, the top references, tag dicts."""
+    result = []
+    for query in queries:
+        first_level = ref_nearest(references, query, k_neighbors)
+        members = set(first_level)
+        for reference in first_level:
+            members |= set(ref_nearest(references, references[reference], k_neighbors))
+        members = sorted(members)
+        features = np.concatenate([query[None, :], references[members]])
+        distance = ref_k_reciprocal(features, k1, k2, lambda_value, rows=[0])[0, 1:]
+        similarity = 1 - distance
+        best = sorted(range(len(members)), key=lambda p: (-similarity[p], p))[:top]
+        best_sims = [float(similarity[p]) for p in best]
+        labels = ref_weighted_tags([int(ref_labels[members[p]]) for p in best], best_sims)
+        countries = ref_weighted_tags([int(ref_countries[members[p]]) for p in best], best_sims)
+        result.append((labels, countries))
+    return result
+
+
+def assert_tags_equal(tags: QueryTags, expected, top: int) -> None:
+    """QueryTags equals the per-query lists of (tag, weight), padded with (-1, 0)."""
+    for q, (labels, countries) in enumerate(expected):
+        for got_tags, got_weights, want in (
+            (tags.labels[q], tags.label_weights[q], labels),
+            (tags.countries[q], tags.country_weights[q], countries),
+        ):
+            want = want + [(-1, 0.0)] * (top - len(want))
+            assert got_tags.tolist() == [tag for tag, _ in want]
+            np.testing.assert_allclose(got_weights, [w for _, w in want], atol=1e-5)
+
+
+# ---------------------------------------------------------------- k-reciprocal distance
+
+
+def assert_same_ranking(result: np.ndarray, expected: np.ndarray, descending: bool) -> None:
+    """Each row of `result`, sorted, orders the `expected` values the same way.
+
+    Exact argsort equality would fail on float32 near-ties (values within 1e-6 of each other,
+    e.g. two items symmetric to a query), so those may come in either order.
+    """
+    sign = -1.0 if descending else 1.0
+    order = np.argsort(sign * result, axis=1, kind="stable")
+    expected_in_result_order = sign * np.take_along_axis(expected, order, axis=1)
+    assert np.all(np.diff(expected_in_result_order, axis=1) >= -1e-6)
+    strict = np.argsort(sign * expected, axis=1, kind="stable")
+    gaps = np.diff(np.take_along_axis(sign * expected, strict, axis=1), axis=1)
+    # Where expected values are well apart, the rankings agree exactly.
+    clear = np.all(gaps > 1e-6, axis=1)
+    np.testing.assert_array_equal(order[clear], strict[clear])
+
+
+
+
+@pytest.mark.parametrize(("k1", "k2", "lambda_value"),
+                         [(10, 3, 0.5), (6, 1, 0.3), (7, 4, 0.5), (20, 6, 0.0), (3, 2, 1.0)])
+def test_k_reciprocal_distance_matches_loops(k1: int, k2: int, lambda_value: float) -> None:
+    features = unit_rows(np.random.default_rng(5).standard_normal((60, DIM)))
+    result = rerank.k_reciprocal_distance(features, k1, k2, lambda_value)
+    expected = ref_k_reciprocal(features, k1, k2, lambda_value)
+    assert result.dtype == np.float32 and result.shape == (60, 60)
+    np.testing.assert_allclose(result, expected, atol=1e-5)
+    assert_same_ranking(result, expected, descending=False)
+    first_rows = rerank.k_reciprocal_distance(features, k1, k2, lambda_value, num_queries=5)
+    np.testing.assert_array_equal(first_rows, result[:5])
+
+
+def test_k_reciprocal_distance_with_duplicates_and_tiny_sets() -> None:
+    rng = np.random.default_rng(6)
+    features = unit_rows(rng.standard_normal((30, DIM)))
+    features[[4, 9, 17]] = features[2]  # exact duplicates: exact distance ties
+    np.testing.assert_allclose(rerank.k_reciprocal_distance(features, 5, 3, 0.5),
+                               ref_k_reciprocal(features, 5, 3, 0.5), atol=1e-5)
+    for n in (1, 2, 5):  # fewer items than k1 + 1
+        small = features[:n]
+        np.testing.assert_allclose(rerank.k_reciprocal_distance(small, 10, 3, 0.5),
+                                   ref_k_reciprocal(small, 10, 3, 0.5), atol=1e-5)
+
+
+def test_k_reciprocal_distance_hand_case() -> None:
+    # Items 0 and 1 coincide, item 2 is orthogonal: d = [[0, 0, .5], [0, 0, .5], [.5, .5, 0]].
+    # k1 = 1: R(0) = R(1) = {0, 1}, R(2) = {2}; V_0 = V_1 = (.5, .5, 0), V_2 = (0, 0, 1).
+    features = np.eye(3, dtype=np.float32)[[0, 0, 1]]
+    no_expansion = rerank.k_reciprocal_distance(features, k1=1, k2=1, lambda_value=0.5)
+    # d_J(0, 2) = 1, so the final distance is .5·1 + .5·.5.
+    np.testing.assert_allclose(no_expansion, [[0, 0, 0.75], [0, 0, 0.75], [0.75, 0.75, 0]],
+                               atol=1e-7)
+    # k2 = 2: V_2 becomes the mean of V_2 and V_0 = (.25, .25, .5); Σmin(V_0, V_2) = .5,
+    # Σmax = 1.5, d_J = 2/3, final = .5·2/3 + .5·.5 = 7/12.
+    expanded = rerank.k_reciprocal_distance(features, k1=1, k2=2, lambda_value=0.5)
+    np.testing.assert_allclose(expanded[0], [0, 0, 7 / 12], atol=1e-7)
+
+
+def test_k_reciprocal_rerank_matches_loops() -> None:
+    queries, index, *_ = landmark_data(7, num_queries=6, num_index=30)
+    result = rerank.k_reciprocal_rerank(queries, index, k1=8, k2=3, lambda_value=0.3)
+    features = np.concatenate([queries, index])
+    expected = 1 - ref_k_reciprocal(features, 8, 3, 0.3, rows=list(range(6)))[:, 6:]
+    assert result.shape == (6, 30)
+    np.testing.assert_allclose(result, expected, atol=1e-5)
+    assert_same_ranking(result, expected, descending=True)
+    with pytest.raises(ValueError, match="max_items"):
+        rerank.k_reciprocal_rerank(queries, index, max_items=35)
+
+
+# ---------------------------------------------------------------- tags
+
+
+def test_index_tags_match_loops() -> None:
+    _, index, references, ref_labels, ref_countries = landmark_data(8)
+    labels, countries = rerank.index_tags(index, references, ref_labels, ref_countries,
+                                          block_rows=64)
+    for j, image in enumerate(index):
+        nearest = ref_nearest(references, image, 1)[0]
+        assert labels[j] == ref_labels[nearest]
+        assert countries[j] == ref_countries[nearest]
+    assert labels.dtype == countries.dtype == np.int64
+
+
+def test_tag_weights_hand_case() -> None:
+    # Best references with labels [5, 5, 7] and similarities [.9, .8, .3]: 5 → 1.7/2, 7 → .3/2.
+    labels, weights = rerank.tag_weights(np.array([[5, 5, 7]]), np.array([[0.9, 0.8, 0.3]]))
+    assert labels.tolist() == [[5, 7, -1]]
+    np.testing.assert_allclose(weights, [[1.7 / 2.0, 0.3 / 2.0, 0.0]], atol=1e-7)
+    # The heavier tag comes first even if a lighter one holds the best reference.
+    labels, weights = rerank.tag_weights(np.array([[2, 3, 3], [4, 4, 4]]),
+                                         np.array([[0.9, 0.6, 0.5], [0.2, 0.2, 0.1]]))
+    assert labels.tolist() == [[3, 2, -1], [4, -1, -1]]
+    np.testing.assert_allclose(weights, [[1.1 / 2.0, 0.9 / 2.0, 0], [1, 0, 0]], atol=1e-7)
+    # Unused slots (fewer references than `top`) vote for nothing.
+    labels, weights = rerank.tag_weights(np.array([[1, 8, 0]]), np.array([[0.6, 0.2, 0.0]]),
+                                         valid=np.array([[True, True, False]]))
+    assert labels.tolist() == [[1, 8, -1]]
+    np.testing.assert_allclose(weights, [[0.75, 0.25, 0]], atol=1e-7)
+
+
+@pytest.mark.parametrize(("seed", "k_neighbors", "k1", "k2", "top"),
+                         [(9, 30, 10, 3, 3), (10, 8, 10, 3, 3), (11, 12, 7, 1, 5)])
+def test_query_tags_match_loops(seed: int, k_neighbors: int, k1: int, k2: int, top: int) -> None:
+    queries, _, references, ref_labels, ref_countries = landmark_data(seed)
+    tags = rerank.query_tags(queries, references, ref_labels, ref_countries,
+                             k_neighbors=k_neighbors, k1=k1, k2=k2, top=top)
+    expected = ref_query_tags(queries, references, ref_labels, ref_countries, k_neighbors, k1, k2,
+                              0.5, top)
+    assert tags.labels.shape == tags.label_weights.shape == (7, top)
+    assert tags.labels.dtype == tags.countries.dtype == np.int64
+    assert tags.label_weights.dtype == tags.country_weights.dtype == np.float32
+    assert_tags_equal(tags, expected, top)
+    np.testing.assert_allclose(tags.label_weights.sum(axis=1), 1, atol=1e-6)
+
+
+def test_query_tags_with_fewer_references_than_top() -> None:
+    queries, _, references, ref_labels, ref_countries = landmark_data(12)
+    references, ref_labels, ref_countries = references[:2], ref_labels[:2], ref_countries[:2]
+    tags = rerank.query_tags(queries, references, ref_labels, ref_countries, top=3)
+    expected = ref_query_tags(queries, references, ref_labels, ref_countries, 30, 10, 3, 0.5, 3)
+    assert_tags_equal(tags, expected, 3)
+    assert np.all(tags.labels[:, 2] == -1) and np.all(tags.label_weights[:, 2] == 0)
+
+
+def test_blocked_memmap_references_equal_in_memory(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    queries, index, references, ref_labels, ref_countries = landmark_data(13)
+    path = tmp_path / "references.npy"
+    np.save(path, references.astype(np.float16))
+    mapped = np.load(path, mmap_mode="r")
+    in_memory = mapped.astype(np.float32)
+
+    expected_tags = rerank.query_tags(queries, in_memory, ref_labels, ref_countries)
+    expected_index = rerank.index_tags(index, in_memory, ref_labels, ref_countries)
+
+    # From here on, every exact search sees at most 64 database rows at a time.
+    searched_rows: list[int] = []
+    knn = search.faiss.knn
+
+    def recording_knn(queries, database, k, **kwargs):
+        searched_rows.append(database.shape[0])
+        return knn(queries, database, k, **kwargs)
+
+    monkeypatch.setattr(search.faiss, "knn", recording_knn)
+    tags = rerank.query_tags(queries, mapped, ref_labels, ref_countries, block_rows=64)
+    labels, countries = rerank.index_tags(index, mapped, ref_labels, ref_countries, block_rows=64)
+
+    assert searched_rows and max(searched_rows) <= 64
+    for name in ("labels", "countries"):
+        np.testing.assert_array_equal(getattr(tags, name), getattr(expected_tags, name))
+    np.testing.assert_allclose(tags.label_weights, expected_tags.label_weights, atol=1e-6)
+    np.testing.assert_allclose(tags.country_weights, expected_tags.country_weights, atol=1e-6)
+    np.testing.assert_array_equal(labels, expected_index[0])
+    np.testing.assert_array_equal(countries, expected_index[1])
+
+
+# ---------------------------------------------------------------- rerank, ensemble, top-k
+
+
+def ref_rerank(scores, index_labels, index_countries, tags: QueryTags, alpha, beta):
+    """S[q, j] + α·w(label_j) + β·v(country_j) with per-query dicts, one cell at a time."""
+    result = np.zeros(scores.shape)
+    for q in range(scores.shape[0]):
+        label_weight = {int(t): float(w) for t, w in zip(tags.labels[q], tags.label_weights[q],
+                                                          strict=True) if t != -1}
+        country_weight = {int(c): float(v) for c, v in zip(tags.countries[q],
+                                                           tags.country_weights[q], strict=True)
+                          if c != -1}
+        for j in range(scores.shape[1]):
+            result[q, j] = (scores[q, j] + alpha * label_weight.get(int(index_labels[j]), 0.0)
+                            + beta * country_weight.get(int(index_countries[j]), 0.0))
+    return result
+
+
+def test_landmark_country_rerank_hand_case() -> None:
+    labels, label_weights = rerank.tag_weights(np.array([[5, 5, 7]]), np.array([[0.9, 0.8, 0.3]]))
+    countries, country_weights = rerank.tag_weights(np.array([[2, 3, 3]]),
+                                                    np.array([[0.9, 0.8, 0.3]]))
+    tags = QueryTags(labels, label_weights, countries, country_weights)
+    scores = np.array([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]], dtype=np.float32)
+    original = scores.copy()
+    index_labels = np.array([5, 7, 5, 9, 7, 1])
+    index_countries = np.array([2, 3, 4, 3, 2, 0])
+    result = rerank.landmark_country_rerank(scores, index_labels, index_countries, tags,
+                                            alpha=1.0, beta=0.1)
+    # label 5 → .85, 7 → .15; country 3 → 1.1/2 = .55, 2 → .9/2 = .45.
+    expected = [0.1 + 0.85 + 0.045, 0.2 + 0.15 + 0.055, 0.3 + 0.85, 0.4 + 0.055, 0.5 + 0.15 + 0.045,
+                0.6]
+    np.testing.assert_allclose(result, [expected], atol=1e-6)
+    assert result.dtype == np.float32
+    np.testing.assert_array_equal(scores, original)  # not modified
+    inplace = rerank.landmark_country_rerank(scores, index_labels, index_countries, tags,
+                                             alpha=1.0, beta=0.1, inplace=True)
+    assert inplace is scores
+    np.testing.assert_allclose(scores, [expected], atol=1e-6)
+
+
+def test_landmark_country_rerank_matches_loops(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(search, "CHUNK_ELEMENTS", 100)  # several row chunks
+    queries, index, references, ref_labels, ref_countries = landmark_data(14)
+    scores = rerank.cosine_scores(queries, index, block_rows=16)
+    np.testing.assert_allclose(scores, queries.astype(np.float64) @ index.T, atol=1e-6)
+    index_labels, index_countries = rerank.index_tags(index, references, ref_labels,
+                                                      ref_countries)
+    tags = rerank.query_tags(queries, references, ref_labels, ref_countries)
+    result = rerank.landmark_country_rerank(scores, index_labels, index_countries, tags,
+                                            alpha=1.0, beta=0.1)
+    expected = ref_rerank(scores, index_labels, index_countries, tags, 1.0, 0.1)
+    np.testing.assert_allclose(result, expected, atol=1e-5)
+    assert_same_ranking(result, expected, descending=True)
+    assert not np.array_equal(result, scores)  # the tags did move some scores
+
+
+def test_ensemble_matches_loops() -> None:
+    rng = np.random.default_rng(15)
+    scores = [rng.random((7, 40)).astype(np.float32) for _ in range(3)]
+    weights = [0.5, 0.3, 0.2]
+    result = rerank.ensemble(scores, weights)
+    expected = np.zeros((7, 40))
+    for q in range(7):
+        for j in range(40):
+            expected[q, j] = sum(w * float(s[q, j]) for s, w in zip(scores, weights, strict=True))
+    assert result.dtype == np.float32
+    np.testing.assert_allclose(result, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="shapes differ"):
+        rerank.ensemble([scores[0], scores[1][:, :5]], [1.0, 1.0])
+    with pytest.raises(ValueError, match="one weight per"):
+        rerank.ensemble(scores, [1.0])
+
+
+@pytest.mark.parametrize("k", [1, 5, 40, 100])
+def test_top_k_ids_match_loops(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
+    monkeypatch.setattr(search, "CHUNK_ELEMENTS", 100)
+    rng = np.random.default_rng(16)
+    scores = np.round(rng.random((7, 40)), 1).astype(np.float32)  # many exact ties
+    indices, top_scores = rerank.top_k_ids(scores, k)
+    for q in range(7):
+        expected = sorted(range(40), key=lambda j: (-scores[q, j], j))[:k]
+        assert indices[q].tolist() == expected
+        assert top_scores[q].tolist() == [scores[q, j] for j in expected]
+    assert indices.dtype == np.int64 and indices.shape == (7, min(k, 40))

@@ -1,0 +1,140 @@
+"""glr.search: blocked exact top-k inner-product search against numpy brute force."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from glr import search
+from glr.search import topk_inner_product
+
+
+def unit_rows(rng: np.random.Generator, rows: int, dim: int = 16) -> np.ndarray:
+    """Random L2-normalized float32 rows."""
+    data = rng.standard_normal((rows, dim)).astype(np.float32)
+    return data / np.linalg.norm(data, axis=1, keepdims=True)
+
+
+def brute_force(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+    """Top-k by a full float64 score matrix, sorted by (score desc, index asc)."""
+    scores = queries.astype(np.float64) @ database.astype(np.float64).T
+    ids = np.broadcast_to(np.arange(database.shape[0]), scores.shape)
+    order = np.lexsort((ids, -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, axis=1), order
+
+
+@pytest.mark.parametrize("block_rows", [5000, 1000, 256, 97, 7])
+@pytest.mark.parametrize("k", [1, 10, 150])
+def test_matches_brute_force(block_rows: int, k: int) -> None:
+    rng = np.random.default_rng(0)
+    queries, database = unit_rows(rng, 25), unit_rows(rng, 1000)
+    scores, ids = topk_inner_product(queries, database, k, block_rows=block_rows)
+    expected_scores, expected_ids = brute_force(queries, database, k)
+    assert scores.dtype == np.float32 and ids.dtype == np.int64
+    assert scores.shape == ids.shape == (25, k)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+    assert np.all(np.diff(scores, axis=1) <= 0)
+
+
+@pytest.mark.parametrize("block_rows", [262_144, 128, 33])
+def test_float16_memmap_database(tmp_path: Path, block_rows: int) -> None:
+    rng = np.random.default_rng(1)
+    queries = unit_rows(rng, 9)
+    path = tmp_path / "database.npy"
+    np.save(path, unit_rows(rng, 500).astype(np.float16))
+    database = np.load(path, mmap_mode="r")
+    assert isinstance(database, np.memmap) and database.dtype == np.float16
+
+    scores, ids = topk_inner_product(queries, database, 40, block_rows=block_rows)
+    expected_scores, expected_ids = brute_force(queries, np.asarray(database, np.float32), 40)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+
+
+def test_float16_queries() -> None:
+    rng = np.random.default_rng(2)
+    queries, database = unit_rows(rng, 4).astype(np.float16), unit_rows(rng, 300)
+    scores, ids = topk_inner_product(queries, database, 5, block_rows=64)
+    expected_scores, expected_ids = brute_force(queries.astype(np.float32), database, 5)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_rows", [1000, 16])
+def test_k_larger_than_database(block_rows: int) -> None:
+    rng = np.random.default_rng(3)
+    queries, database = unit_rows(rng, 3), unit_rows(rng, 50)
+    scores, ids = topk_inner_product(queries, database, 80, block_rows=block_rows)
+    assert scores.shape == ids.shape == (3, 50)
+    expected_scores, expected_ids = brute_force(queries, database, 50)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+    for row in ids:
+        assert sorted(row) == list(range(50))
+
+
+@pytest.mark.parametrize("num_queries", [1, 25])  # faiss's sequential and BLAS paths
+@pytest.mark.parametrize("block_rows", [50, 20, 5, 3])
+def test_exact_ties_go_to_the_lower_index(num_queries: int, block_rows: int) -> None:
+    # Row i is the one-hot vector e_(i mod 8): scores are exactly 1 or 0, with many ties.
+    database = np.eye(8, dtype=np.float32)[np.arange(50) % 8]
+    queries = np.repeat(np.eye(8, dtype=np.float32)[[3]], num_queries, axis=0)
+    scores, ids = topk_inner_product(queries, database, 10, block_rows=block_rows)
+    matches = [3, 11, 19, 27, 35, 43]
+    expected_ids = [*matches, 0, 1, 2, 4]
+    np.testing.assert_array_equal(ids, np.tile(expected_ids, (num_queries, 1)))
+    np.testing.assert_array_equal(scores, np.tile([1.0] * 6 + [0.0] * 4, (num_queries, 1)))
+
+
+def test_no_queries() -> None:
+    scores, ids = topk_inner_product(np.zeros((0, 4), np.float32), np.eye(4, dtype=np.float32), 2)
+    assert scores.shape == ids.shape == (0, 2)
+
+
+def test_invalid_arguments() -> None:
+    queries, database = np.eye(4, dtype=np.float32), np.eye(4, dtype=np.float32)
+    with pytest.raises(ValueError, match="k must be"):
+        topk_inner_product(queries, database, 0)
+    with pytest.raises(ValueError, match="block_rows"):
+        topk_inner_product(queries, database, 1, block_rows=0)
+    with pytest.raises(ValueError, match="dimension mismatch"):
+        topk_inner_product(queries, database[:, :3], 1)
+
+
+@pytest.mark.skipif(search.gpu_available(), reason="a GPU is present")
+def test_use_gpu_without_gpu_raises() -> None:
+    with pytest.raises(RuntimeError, match="GPU"):
+        topk_inner_product(np.eye(4, dtype=np.float32), np.eye(4, dtype=np.float32), 1,
+                           use_gpu=True)
+
+
+def test_merge_top_k_orders_by_score_then_id() -> None:
+    scores, ids = search.merge_top_k(
+        np.array([[0.9, 0.5]], np.float32), np.array([[7, 2]]),
+        np.array([[0.5, 0.9, 0.1]], np.float32), np.array([[1, 4, 0]]), 3,
+    )
+    np.testing.assert_array_equal(ids, [[4, 7, 1]])
+    np.testing.assert_array_equal(scores, np.array([[0.9, 0.9, 0.5]], np.float32))
+
+
+@pytest.mark.parametrize("descending", [False, True])
+@pytest.mark.parametrize("k", [1, 4, 9, 12])
+def test_smallest_k_is_a_stable_argsort(monkeypatch: pytest.MonkeyPatch, descending: bool,
+                                        k: int) -> None:
+    monkeypatch.setattr(search, "CHUNK_ELEMENTS", 20)  # several row chunks
+    rng = np.random.default_rng(4)
+    values = rng.integers(0, 4, size=(11, 9)).astype(np.float32)  # many exact ties
+    values[3, [1, 5]] = np.nan
+    values[7, :] = np.nan
+    result = search.smallest_k(values, k, descending=descending)
+    expected = np.argsort(-values if descending else values, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(result, expected)
+
+
+def test_smallest_k_hand_case() -> None:
+    values = np.array([[0.5, 0.1, 0.5, 0.1, 0.9]])
+    np.testing.assert_array_equal(search.smallest_k(values, 3), [[1, 3, 0]])
+    np.testing.assert_array_equal(search.smallest_k(values, 2, descending=True), [[4, 0]])
