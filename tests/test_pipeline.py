@@ -36,6 +36,9 @@ def fresh_repo(tmp_path_factory) -> Path:
             shutil.copy2(source, dest / name)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["synth"].update(SMALL)
+    params["model"]["size"] = 64
+    for phase in params["train"]["phases"]:
+        phase["epochs"] = 2
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _git("init", "-q", cwd=dest)
     _git("add", "-A", cwd=dest)
@@ -65,10 +68,22 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(fresh_repo):
     assert metrics["all"]["images"] == truth["all_holdout"]["images"]
     assert metrics["val_queries"] == truth["val_queries"]
     assert (fresh_repo / "data/prepared/all.parquet").is_file()
+    evaluation = next(iter(shown.values()))["data"]["metrics/evaluate.json"]["data"]
+    assert set(evaluation["variants"]) == {"resnet18-plain", "resnet18-rerank",
+                                           "ensemble-plain", "ensemble-rerank"}
+    assert evaluation["map@100"] == evaluation["variants"]["ensemble-rerank"]["map@100"]
+    assert 0.0 < evaluation["map@100"] <= 1.0 and evaluation["contaminated"] is False
+    assert evaluation["queries"] == truth["val_queries"]["total"]
+    submission = (fresh_repo / "data/retrieval/submission.csv").read_text().splitlines()
+    assert submission[0] == "id,images" and len(submission) == 1 + truth["val_queries"]["total"]
+    assert (fresh_repo / "models/resnet18/p2/model.safetensors").is_file()
+    assert (fresh_repo / "data/features/resnet18/ref.npy").is_file()
     # Nothing is left to do: every stage is up to date with its params, code and data.
     assert _dvc("status", cwd=fresh_repo).strip().endswith("up to date.")
 
 
 def test_dvc_dag_shows_the_stages(fresh_repo):
     dag = _dvc("dag", "--md", cwd=fresh_repo)
-    assert "synth" in dag and "prepare" in dag
+    for stage in ("synth", "prepare", "shard", "init@resnet18", "train@resnet18-phase0",
+                  "train@resnet18-phase1", "extract@resnet18", "retrieve", "evaluate"):
+        assert stage in dag
