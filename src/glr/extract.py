@@ -32,11 +32,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from glr import shards
 from glr.data import EvalTransform, ExtractStream, normalize
 from glr.params import Params
+from glr.progress import progress_bar
 from glr.train import (
     WEIGHTS,
     Dist,
@@ -103,8 +103,8 @@ def extract_parts(model: torch.nn.Module, urls: list[str], counts: list[int], pa
                 else torch.autocast("cpu", dtype=torch.bfloat16))
     sides = scaled_sides(size, scales)
     pending: dict[int, list[tuple[int, np.ndarray, str]]] = {}
-    bar = tqdm(total=sum(counts[n] for n in todo), desc=desc, unit="img",
-               disable=not env.main)
+    bar = progress_bar(total=sum(counts[n] for n in todo), desc=desc, unit="img",
+                       disable=not env.main)
     with torch.inference_mode():
         for images, numbers, positions, metas in loader:
             images = normalize(images.to(env.device, non_blocking=True))

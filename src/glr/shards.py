@@ -45,10 +45,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
-from tqdm import tqdm
 
 from glr import gldv2
 from glr.params import Params, ShardParams
+from glr.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +199,8 @@ class TarSource:
                 raise ShardError(f"{self.root / split}: no images_*.tar archives "
                                  "(params shard.source is 'tar')")
             ids, which, offsets, sizes = [], [], [], []
-            for number, archive in enumerate(tqdm(archives, desc=f"index {split} tars",
-                                                  unit="tar")):
+            bar = progress_bar(archives, desc=f"index {split} tars", unit="tar")
+            for number, archive in enumerate(bar):
                 with tarfile.open(archive, "r:") as tar:
                     for member in tar:
                         name = os.path.basename(member.name)
@@ -383,8 +383,8 @@ def write_all(tasks: list[ShardTask], out_dir: Path, source, settings: dict, wor
             infos[f"{task.group}/{task.name}"] = info
     if infos:
         log.info("resuming: %d of %d shards are already complete", len(infos), len(tasks))
-    bar = tqdm(total=sum(len(t.rows) for t in todo), desc="shard", unit="img",
-               disable=not progress)
+    bar = progress_bar(total=sum(len(t.rows) for t in todo), desc="shard", unit="img",
+                       disable=not progress)
     if stop_after is not None:
         todo = todo[:stop_after]
     args = [(task, out_dir, settings) for task in todo]

@@ -38,10 +38,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
-from tqdm import tqdm
 
 from glr.gldv2 import Layout, image_relpath
 from glr.params import SynthParams
+from glr.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -577,7 +577,8 @@ def generate(params: SynthParams, out: Path, workers: int | None = None,
               params.image_width, params.image_height, params.jpeg_quality)
              for scene, specs in sorted(groups.items())]
     workers = workers or min(os.cpu_count() or 1, 8)
-    bar = tqdm(total=len(plan.images), desc="synth images", unit="img", disable=not progress)
+    bar = progress_bar(total=len(plan.images), desc="synth images", unit="img",
+                       disable=not progress)
     checksums: list[str] = []
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:

@@ -33,13 +33,13 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from glr import shards
 from glr.data import TrainStream, TrainTransform, normalize
 from glr.data.samplers import continent_group_probs
 from glr.model import build_model, load_phase_weights, model_from_config, param_groups
 from glr.params import FIRST_INIT, ModelParams, Params, PhaseParams
+from glr.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -315,8 +315,9 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: 
         net.train()
         totals = {"loss": 0.0, "correct": 0, "seen": 0}
         started = time.perf_counter()
-        bar = tqdm(loader, total=plan.steps_per_epoch, disable=not env.main, unit="step",
-                   desc=f"{plan.backbone}/{phase.name} epoch {epoch + 1}/{phase.epochs}")
+        desc = f"{plan.backbone}/{phase.name} epoch {epoch + 1}/{phase.epochs}"
+        bar = progress_bar(loader, total=plan.steps_per_epoch, disable=not env.main,
+                           unit="step", desc=desc)
         for step, (images, labels) in enumerate(bar):
             images = normalize(images.to(env.device, non_blocking=True))
             images = images.contiguous(memory_format=torch.channels_last)
