@@ -96,7 +96,7 @@ def extract_parts(model: torch.nn.Module, urls: list[str], counts: list[int], pa
     todo = [n for n in todo if counts[n] > 0]
     if not todo:
         return
-    stream = ExtractStream([urls[n] for n in todo], EvalTransform(size))
+    stream = ExtractStream([urls[n] for n in todo], EvalTransform(size), split_by_rank=False)
     loader = DataLoader(stream, batch_size=batch, num_workers=workers,
                         pin_memory=env.device.type == "cuda")
     autocast = (torch.autocast("cuda", dtype=torch.float16) if env.device.type == "cuda"

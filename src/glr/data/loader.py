@@ -163,13 +163,17 @@ class ExtractStream(IterableDataset):
     a caller can put every feature back in a fixed order whatever the process layout.
     """
 
-    def __init__(self, urls: list[str], transform: Callable[[bytes], torch.Tensor]):
+    def __init__(self, urls: list[str], transform: Callable[[bytes], torch.Tensor],
+                 split_by_rank: bool = True):
         super().__init__()
         self.urls = list(urls)
         self.transform = transform
+        self.split_by_rank = split_by_rank  # False: the caller gave this rank its own urls
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int, str]]:
         rank, world, worker, workers = pytorch_worker_info()
+        if not self.split_by_rank:
+            rank, world = 0, 1
         numbers = list(range(len(self.urls)))[rank::world][worker::workers]
         for number in numbers:
             for position, sample in enumerate(_samples([self.urls[number]])):
