@@ -196,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "your own torchrun. Resumes from RUNS/<backbone>/<phase>/checkpoint.pt. "
                     "Reads: SHARDS (manifests, lists.json), MODELS/<backbone>/<init>/; params "
                     "`model`, `train`. Writes: MODELS/<backbone>/<phase>/ (model.safetensors, "
-                    "config.json), METRICS/<backbone>/<phase>.tsv (per-epoch loss, top-1, LR, "
-                    "images/s), RUNS/<backbone>/<phase>/ (TensorBoard logs, checkpoint).")
+                    "config.json), METRICS/<backbone>/<phase>.tsv (per-epoch loss, top-1, LR), "
+                    "RUNS/<backbone>/<phase>/ (TensorBoard logs, checkpoint).")
     _add_params(train)
     train.add_argument("--backbone", required=True, help="one of params model.backbones")
     train.add_argument("--phase", required=True, help="a phase name of params train.phases")

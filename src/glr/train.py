@@ -189,9 +189,21 @@ def plan_phase(params: Params, backbone: str, phase_name: str, shard_dir: Path,
                      run_dir=Path(runs_dir) / backbone / phase.name)
 
 
+def code_digest() -> str:
+    """sha256 of the code a training run depends on (the loop, the model, the loader)."""
+    package = Path(__file__).parent
+    files = [package / "train.py", package / "params.py",
+             *sorted((package / "model").glob("*.py")), *sorted((package / "data").glob("*.py"))]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def run_fingerprint(params: Params, plan: PhasePlan, world: int) -> str:
-    """What a checkpoint must match to be resumed: settings, data, starting weights."""
+    """What a checkpoint must match to be resumed: settings, data, code, starting weights."""
     blob = json.dumps({"phase": dataclasses.asdict(plan.phase), "size": plan.size,
+                       "code": code_digest(),
                        "model": dataclasses.asdict(params.model), "seed": params.train.seed,
                        "groups": plan.groups, "classes": plan.num_classes, "world": world,
                        "continent": dataclasses.asdict(params.train.continent),
@@ -218,8 +230,9 @@ def precision_context(device: torch.device, precision: str):
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch: int,
-                    fingerprint: str) -> None:
+                    fingerprint: str, history: list[dict]) -> None:
     state = {
+        "history": json.dumps(history),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
@@ -234,14 +247,16 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch: int,
     tmp.replace(path)
 
 
-def try_resume(path: Path, fingerprint: str, model, optimizer, scheduler, scaler) -> int:
-    """Load a matching checkpoint; return the number of finished epochs (0 without one)."""
+def try_resume(path: Path, fingerprint: str, model, optimizer, scheduler, scaler
+               ) -> tuple[int, list[dict]]:
+    """Load a matching checkpoint: (finished epochs, their history rows); (0, []) without."""
     if not path.is_file():
-        return 0
+        return 0, []
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("fingerprint") != fingerprint:
-        log.warning("%s belongs to other settings or starting weights; starting afresh", path)
-        return 0
+        log.warning("%s belongs to other settings, code or starting weights; starting afresh",
+                    path)
+        return 0, []
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -251,24 +266,24 @@ def try_resume(path: Path, fingerprint: str, model, optimizer, scheduler, scaler
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     random.setstate((3, tuple(state["python_rng"]), None))
-    return int(state["epoch"])
+    return int(state["epoch"]), json.loads(state["history"])
 
 
 class History:
-    """Per-epoch values as a TSV for `dvc plots` (rank 0 only)."""
+    """Per-epoch values as a TSV for `dvc plots` (rank 0 only); kept in checkpoints too."""
 
-    def __init__(self, path: Path, resume_epochs: int):
+    def __init__(self, path: Path, rows: list[dict]):
         self.path = path
-        self.rows: list[dict] = []
-        if resume_epochs and path.is_file():
-            lines = path.read_text().splitlines()
-            header = lines[0].split("\t")
-            self.rows = [dict(zip(header, line.split("\t"), strict=True))
-                         for line in lines[1: 1 + resume_epochs]]
+        self.rows = list(rows)
 
     def add(self, row: dict) -> None:
         self.rows.append({k: (f"{v:.6g}" if isinstance(v, float) else str(v))
                           for k, v in row.items()})
+        self.write()
+
+    def write(self) -> None:
+        if not self.rows:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         header = list(self.rows[0])
         lines = ["\t".join(header)] + ["\t".join(r[h] for h in header) for r in self.rows]
@@ -294,7 +309,7 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: 
     autocast, scaler = precision_context(env.device, params.train.precision)
     fingerprint = run_fingerprint(params, plan, env.world)
     checkpoint = plan.run_dir / "checkpoint.pt"
-    start_epoch = try_resume(checkpoint, fingerprint, model, optimizer, scheduler, scaler)
+    start_epoch, rows = try_resume(checkpoint, fingerprint, model, optimizer, scheduler, scaler)
     if start_epoch:
         log.info("resuming %s/%s from %s after epoch %d", plan.backbone, phase.name,
                  checkpoint, start_epoch)
@@ -304,9 +319,11 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: 
             model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     stream = make_stream(params, plan, shard_dir)
     writer = SummaryWriter(str(plan.run_dir / "tensorboard")) if env.main else None
-    history = History(history_path, start_epoch) if env.main else None
+    history = History(history_path, rows) if env.main else None
+    if history is not None:
+        history.write()  # DVC removed the old file before running the stage
     criterion = torch.nn.CrossEntropyLoss()
-    summary: dict = {}
+    summary: dict = dict(rows[-1]) if rows else {}
     for epoch in range(start_epoch, phase.epochs):
         stream.set_epoch(epoch)
         loader = DataLoader(stream, batch_size=None, num_workers=params.train.workers,
@@ -350,9 +367,11 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: 
                                 acc=f"{totals['correct'] / totals['seen']:.3f}")
         seconds = time.perf_counter() - started
         images_per_s = totals["seen"] * env.world / seconds
+        # Only deterministic values go to files (the TSV, config.json): a rerun with the same
+        # seed then reproduces every DVC output byte for byte. Speed goes to logs/TensorBoard.
         summary = {"epoch": epoch + 1, "loss": totals["loss"] / max(1, totals["seen"]),
                    "top1": totals["correct"] / max(1, totals["seen"]),
-                   "lr": scheduler.get_last_lr()[0], "images_per_s": images_per_s}
+                   "lr": scheduler.get_last_lr()[0]}
         if env.main:
             assert writer is not None and history is not None
             writer.add_scalar("epoch/loss", summary["loss"], epoch + 1)
@@ -364,7 +383,7 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: 
             last = epoch + 1 == phase.epochs
             if (epoch + 1) % params.train.checkpoint_every == 0 or last:
                 save_checkpoint(checkpoint, model, optimizer, scheduler, scaler, epoch + 1,
-                                fingerprint)
+                                fingerprint, history.rows)
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
             raise KeyboardInterrupt(f"stopped after epoch {epoch + 1} (simulated)")
     if writer is not None:
