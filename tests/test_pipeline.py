@@ -78,6 +78,14 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(fresh_repo):
     assert submission[0] == "id,images" and len(submission) == 1 + truth["val_queries"]["total"]
     assert (fresh_repo / "models/resnet18/p2/model.safetensors").is_file()
     assert (fresh_repo / "data/features/resnet18/ref.npy").is_file()
+    from PIL import Image
+
+    from glr import visualize
+    with Image.open(fresh_repo / "metrics/retrieval.png") as picture:
+        width, height = visualize.TILE + 2 * visualize.BORDER, (
+            visualize.TILE + 2 * visualize.BORDER + visualize.STRIP)
+        rows = min(8, truth["val_queries"]["total"])
+        assert picture.size == (9 * width + 8, rows * height)
     # Nothing is left to do: every stage is up to date with its params, code and data.
     assert _dvc("status", cwd=fresh_repo).strip().endswith("up to date.")
 
@@ -85,5 +93,6 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(fresh_repo):
 def test_dvc_dag_shows_the_stages(fresh_repo):
     dag = _dvc("dag", "--md", cwd=fresh_repo)
     for stage in ("synth", "prepare", "shard", "init@resnet18", "train@resnet18-phase0",
-                  "train@resnet18-phase1", "extract@resnet18", "retrieve", "evaluate"):
+                  "train@resnet18-phase1", "extract@resnet18", "retrieve", "evaluate",
+                  "visualize"):
         assert stage in dag

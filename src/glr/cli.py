@@ -103,6 +103,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                   args.curve)
 
 
+def cmd_visualize(args: argparse.Namespace) -> None:
+    from glr import visualize
+
+    params = load_params(args.params)
+    solution = Path(params.data.root) / "test" / "retrieval_solution_v2.1.csv"
+    path = visualize.main(args.retrieval, args.shards, solution, args.out, args.queries,
+                          args.top)
+    log.info("wrote %s", path)
+
+
 def cmd_bench_prepare(args: argparse.Namespace) -> None:
     from glr.bench import prepare as bench_prepare
 
@@ -267,6 +277,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--curve", type=Path, default=Path("metrics/precision_at_k.tsv"),
                     help="precision@k per variant (default: %(default)s)")
     ev.set_defaults(func=cmd_evaluate)
+
+    vis = stages.add_parser(
+        "visualize", help="a picture of queries and their top results",
+        description="Draw the first QUERIES validation queries (by id) with their TOP best index "
+                    "images of the final ranking, framed green (ground truth) or red. Reads: "
+                    "RETRIEVAL, SHARDS (query and eval_index groups), the solution CSV under "
+                    "params data.root. Writes: OUT (PNG).")
+    _add_params(vis)
+    vis.add_argument("--retrieval", type=Path, default=Path("data/retrieval"),
+                     help="retrieve's output folder (default: %(default)s)")
+    vis.add_argument("--shards", type=Path, default=Path("data/shards"),
+                     help="shard folder (default: %(default)s)")
+    vis.add_argument("--out", type=Path, default=Path("metrics/retrieval.png"),
+                     help="PNG to write (default: %(default)s)")
+    vis.add_argument("--queries", type=int, default=8, help="rows (default: %(default)s)")
+    vis.add_argument("--top", type=int, default=8, help="results per row (default: 8)")
+    vis.set_defaults(func=cmd_visualize)
 
     bench = stages.add_parser("bench", help="benchmarks (results written to files)")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="<benchmark>")
