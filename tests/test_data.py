@@ -221,3 +221,13 @@ def _group_keys(shard_dir, group):
                 label = json.loads(tar.extractfile(meta).read())["label"]
                 keys.add((tar.extractfile(jpg).read(), label))
     return keys
+
+
+def test_pk_batches_with_fewer_labels_than_p_repeat_labels():
+    from glr.data.samplers import pk_batches
+
+    stream = ((torch.full((1,), float(i)), i % 2) for i in range(100))
+    images, labels = next(pk_batches(stream, labels_per_batch=3, instances=2,
+                                     rng=random.Random(0), buffer_size=10))
+    assert images.shape[0] == 6 and len(labels) == 6
+    assert set(labels.tolist()) == {0, 1}

@@ -171,3 +171,15 @@ def test_label_without_country_gets_other(tiny_gldv2, caplog):
     assert labels["country"].tolist()[3] == "OTHER"
     assert "1 of 4 labels have no country" in caplog.text
     assert np.all(labels["continent"].notna())
+
+
+def test_shared_category_maps_to_the_last_train_landmark_in_file_order(tiny_gldv2):
+    """Landmarks 40 (label 3) and 10 (label 1) share Cat_A; 10 comes last in the file."""
+    write_csv(tiny_gldv2.train_categories_csv, ["landmark_id", "category"],
+              [(40, "http://commons.wikimedia.org/wiki/Category:Cat_A"),
+               (10, "http://commons.wikimedia.org/wiki/Category:Cat_A"),
+               (20, "http://commons.wikimedia.org/wiki/Category:Cat_B,_Town"),
+               (30, "http://commons.wikimedia.org/wiki/Category:Cat_C")])
+    all_list = run(tiny_gldv2).lists["all"]
+    index = all_list[all_list["split"] == "index"]
+    assert rows(index) == [("f1", 1, True), ("f2", 0, True), ("f4", 1, True)]

@@ -207,3 +207,12 @@ def test_rerun_of_a_finished_phase_restores_its_outputs(small_pipeline, shard_di
     assert "after epoch 3" in caplog.text and "epoch 1:" not in caplog.text.split("resuming")[1]
     assert (tmp_path / "models/resnet10t/p1/model.safetensors").read_bytes() == weights
     assert (tmp_path / "metrics/p1.tsv").read_text() == history
+
+
+def test_a_size_above_the_shards_max_side_is_a_clear_error(small_pipeline, shard_dir, tmp_path):
+    params = tiny_params(small_pipeline[0])
+    phase = dataclasses.replace(params.train.phases[0], size=1024)
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train,
+                                                                   phases=[phase]))
+    with pytest.raises(shards.ShardError, match=r"1024 px .*shard\.max_side = 512"):
+        train.plan_phase(params, "resnet10t", "p1", shard_dir, tmp_path, tmp_path, world=1)

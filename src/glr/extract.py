@@ -190,11 +190,18 @@ def _extract(params: Params, backbone: str, shard_dir: Path, models_dir: Path, o
         log.info("%s: extracting with %s at %d px (scales %s) on %d process(es); parts in %s",
                  backbone, model_dir, size, settings.scales, env.world, work)
     groups = set_groups(shard_dir)
+    shards.check_size(shard_dir, [g for name in SETS for g in groups[name]], size,
+                      "model.size (the extraction size)")
+    parts: dict[str, Path] = {}
     for name in SETS:
-        entries = [(str(shard_dir / g / e["file"]), e["samples"]) for g in groups[name]
-                   for e in shards.read_manifest(shard_dir, g)["shards"]]
-        urls, counts = [u for u, _ in entries], [c for _, c in entries]
-        extract_parts(model, urls, counts, work / name, size, settings.scales, settings.batch,
+        entries = [(g, e) for g in groups[name] for e in shards.read_manifest(shard_dir, g)
+                   ["shards"]]
+        urls = shards.shard_urls(shard_dir, groups[name])  # the same order as `entries`
+        counts = [e["samples"] for _, e in entries]
+        # parts belong to these very shards: a changed evaluation set gets new parts
+        content = hashlib.sha256(json.dumps([e["sha256"] for _, e in entries]).encode())
+        parts[name] = work / f"{name}-{content.hexdigest()[:16]}"
+        extract_parts(model, urls, counts, parts[name], size, settings.scales, settings.batch,
                       settings.workers, env, desc=f"{backbone} {name}")
     if dist.is_initialized():
         dist.barrier()
@@ -206,7 +213,7 @@ def _extract(params: Params, backbone: str, shard_dir: Path, models_dir: Path, o
             num_shards = sum(len(shards.read_manifest(shard_dir, g)["shards"])
                              for g in groups[name])
             columns = ["id", "label", "country", "continent"] if name == "ref" else ["id"]
-            summary[name] = assemble(work / name, num_shards, out_dir / f"{name}.npy",
+            summary[name] = assemble(parts[name], num_shards, out_dir / f"{name}.npy",
                                      out_dir / f"{name}.parquet", columns, dim)
         info = {"backbone": backbone, "model": str(model_dir), "phase": phase, "size": size,
                 "scales": settings.scales, "dim": dim, "counts": summary,

@@ -139,7 +139,7 @@ class ModelParams:
     pretrained: bool = _spec(False, help="ImageNet weights from timm's own source")
     weights_dir: str | None = _spec(
         None, help="folder with <backbone>.pth ImageNet weights (e.g. the IBN-Net releases); "
-                   "used instead of `pretrained`")
+                   "a backbone without a file there falls back to timm when `pretrained`")
 
     def validate(self, prefix: str) -> None:
         if not self.backbones:

@@ -144,8 +144,8 @@ def index_labels(meta: Metadata, labels: pd.DataFrame) -> pd.Series:
     A category shared by several train landmarks maps to the last of them in
     train_label_to_category.csv, as the authors' dict did.
     """
-    train_by_category = (labels.dropna(subset=["category"])
-                         .drop_duplicates("category", keep="last")
+    last_landmark = meta.train_categories.drop_duplicates("category", keep="last")
+    train_by_category = (last_landmark.merge(labels[["landmark_id", "label"]], on="landmark_id")
                          .set_index("category")["label"])
     mapped = meta.index_categories["category"].map(train_by_category)
     return pd.Series(mapped.to_numpy(), index=meta.index_categories["landmark_id"].to_numpy())

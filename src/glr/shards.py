@@ -441,6 +441,16 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+def check_size(shard_dir: Path, groups: list[str], size: int, what: str) -> None:
+    """Fail clearly when `size` asks for more pixels than the shards kept."""
+    for group in groups:
+        max_side = read_manifest(shard_dir, group).get("max_side")
+        if max_side is not None and size > max_side:
+            raise ShardError(f"{what} is {size} px but the shards of group {group} were shrunk "
+                             f"to shard.max_side = {max_side}: raise params shard.max_side to "
+                             f"at least {size} and rerun the shard stage")
+
+
 def write_manifests(out_dir: Path, tasks: list[ShardTask], infos: dict[str, dict],
                     groups_meta: dict[str, dict]) -> dict:
     """Per-group manifest.json; returns totals for the report."""
@@ -540,6 +550,8 @@ def main(params: Params, prepared_dir: Path, out_dir: Path, metrics_path: Path,
     source = make_source(params, out_dir, tasks)
     infos = write_all(tasks, out_dir, source, settings, params.shard.workers, progress,
                       stop_after)
+    for meta in groups_meta.values():
+        meta.update(max_side=params.shard.max_side, resize=params.shard.resize)
     write_manifests(out_dir, tasks, infos, groups_meta)
     _write_json(out_dir / "lists.json", lists)
 

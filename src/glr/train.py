@@ -88,8 +88,11 @@ def init_main(params: Params, backbone: str, models_dir: Path) -> Path:
     if params.model.weights_dir:
         weights = Path(params.model.weights_dir) / f"{backbone}.pth"
         if not weights.is_file():
-            raise FileNotFoundError(f"{weights}: no weights for backbone {backbone} "
-                                    "(params model.weights_dir)")
+            if not params.model.pretrained:
+                raise FileNotFoundError(f"{weights}: no weights for backbone {backbone} "
+                                        "(params model.weights_dir; model.pretrained is "
+                                        "false, so there is no fallback to timm)")
+            weights = None  # this backbone falls back to timm's weights
     model = build_model(backbone, 1, pretrained=params.model.pretrained and weights is None,
                         pretrained_path=str(weights) if weights else None,
                         **_model_kwargs(params.model))
@@ -173,6 +176,10 @@ def plan_phase(params: Params, backbone: str, phase_name: str, shard_dir: Path,
                models_dir: Path, runs_dir: Path, world: int) -> PhasePlan:
     phase = params.train.phase(phase_name)
     groups = shards.read_lists(shard_dir)[phase.list]
+    if not groups:
+        raise shards.ShardError(f"{shard_dir}: list {phase.list} has no images")
+    shards.check_size(shard_dir, groups, phase.size_for(backbone, params.model.size),
+                      f"phase {phase.name}'s size for {backbone}")
     manifests = [shards.read_manifest(shard_dir, g) for g in groups]
     list_samples = sum(m["samples"] for m in manifests)
     num_classes = 1 + max(m["max_label"] for m in manifests)
@@ -200,13 +207,26 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
-def run_fingerprint(params: Params, plan: PhasePlan, world: int) -> str:
-    """What a checkpoint must match to be resumed: settings, data, code, starting weights."""
+def shards_digest(shard_dir: Path, groups: list[str]) -> str:
+    """sha256 over the sha256 of every shard of `groups` (from their manifests)."""
+    entries = [(g, e["file"], e["sha256"]) for g in groups
+               for e in shards.read_manifest(shard_dir, g)["shards"]]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def run_fingerprint(params: Params, plan: PhasePlan, shard_dir: Path, world: int) -> str:
+    """What a checkpoint must match to be resumed: every setting that changes the result, the
+    shards' bytes, the code and the starting weights (not workers or checkpoint frequency)."""
+    train = dataclasses.asdict(params.train)
+    for unrelated in ("workers", "checkpoint_every", "phases", "processes"):
+        train.pop(unrelated)
+    model = dataclasses.asdict(params.model)
+    for unrelated in ("backbones", "size", "pretrained", "weights_dir"):
+        model.pop(unrelated)  # size: plan.size; weights: the init digest below
     blob = json.dumps({"phase": dataclasses.asdict(plan.phase), "size": plan.size,
-                       "code": code_digest(),
-                       "model": dataclasses.asdict(params.model), "seed": params.train.seed,
-                       "groups": plan.groups, "classes": plan.num_classes, "world": world,
-                       "continent": dataclasses.asdict(params.train.continent),
+                       "train": train, "model": model, "code": code_digest(),
+                       "shards": shards_digest(shard_dir, plan.groups),
+                       "classes": plan.num_classes, "world": world,
                        "init": file_digest(plan.init_dir / WEIGHTS)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -229,6 +249,10 @@ def precision_context(device: torch.device, precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16), None
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch: int,
                     fingerprint: str, history: list[dict]) -> None:
     state = {
@@ -238,7 +262,10 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch: int,
         "scaler": scaler.state_dict() if scaler is not None else {},
         "epoch": epoch, "fingerprint": fingerprint,
         "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this rank's own device only: restoring every GPU's state on every rank would open a
+        # CUDA context on each GPU from each process
+        "cuda_rng": (torch.cuda.get_rng_state(model_device(model))
+                     if model_device(model).type == "cuda" else torch.zeros(0, dtype=torch.uint8)),
         "python_rng": list(random.getstate()[1]),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -263,8 +290,8 @@ def try_resume(path: Path, fingerprint: str, model, optimizer, scheduler, scaler
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if len(state["cuda_rng"]) and model_device(model).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], model_device(model))
     random.setstate((3, tuple(state["python_rng"]), None))
     return int(state["epoch"]), json.loads(state["history"])
 
@@ -307,7 +334,7 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
     autocast, scaler = precision_context(env.device, params.train.precision)
-    fingerprint = run_fingerprint(params, plan, env.world)
+    fingerprint = run_fingerprint(params, plan, shard_dir, env.world)
     checkpoint = plan.run_dir / "checkpoint.pt"
     start_epoch, rows = try_resume(checkpoint, fingerprint, model, optimizer, scheduler, scaler)
     if start_epoch:

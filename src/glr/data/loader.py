@@ -119,8 +119,10 @@ class TrainStream(IterableDataset):
             seed = stream_seed(self.seed, self.epoch, rank, worker, number)
             shards = wds.ResampledShards(self.urls[group], seed=seed, deterministic=True,
                                          worker_seed=lambda: 0)
-            buffer = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 10,
-                                 rng=random.Random(seed))
+            # the buffers share `shuffle_buffer` by probability: ~40 groups × a full buffer
+            # each would hold tens of thousands of JPEGs per worker on GLDv2
+            size = max(16, round(self.shuffle_buffer * (self.probs or [])[number]))
+            buffer = wds.shuffle(size, initial=max(1, size // 10), rng=random.Random(seed))
             streams.append(iter(buffer(wds.tarfile_samples(iter(shards)))))
         return mix(streams, self.probs or [], rng)
 
@@ -140,6 +142,8 @@ class TrainStream(IterableDataset):
 
         rank, world, worker, workers = pytorch_worker_info()
         count = share(self.batches_per_epoch, worker, workers)
+        if not any(self.urls.values()):
+            raise ValueError(f"{self.shard_dir}: groups {self.groups} have no shards")
         samples = self.samples(rank, world, worker, workers)
         if self.pk_instances is not None:
             rng = random.Random(stream_seed(self.seed, self.epoch, rank, worker, -2))

@@ -66,16 +66,25 @@ def pk_batches(samples: Iterator[tuple[torch.Tensor, int]], labels_per_batch: in
             continue
         if len(ready) < labels_per_batch:  # buffer full: fill up with the fullest labels
             ready = sorted(pool, key=lambda lb: -len(pool[lb]))[:labels_per_batch]
-        chosen = rng.sample(ready, labels_per_batch)
+        if len(ready) >= labels_per_batch:
+            chosen = rng.sample(ready, labels_per_batch)
+        else:  # the whole pool has fewer labels than a batch needs: repeat some
+            chosen = [ready[i % len(ready)] for i in range(labels_per_batch)]
         images, targets = [], []
         for lb in chosen:
-            taken = [pool[lb].pop(rng.randrange(len(pool[lb])))
-                     for _ in range(min(instances, len(pool[lb])))]
+            available = pool.get(lb) or []
+            if not available:  # a repeated label whose images this batch already took
+                earlier = [img for img, t in zip(images, targets, strict=True) if t == lb]
+                images += [earlier[i % len(earlier)] for i in range(instances)]
+                targets += [lb] * instances
+                continue
+            taken = [available.pop(rng.randrange(len(available)))
+                     for _ in range(min(instances, len(available)))]
             while len(taken) < instances:  # too few images: repeat some
                 taken.append(taken[rng.randrange(len(taken))])
             images += taken
             targets += [lb] * instances
-            if not pool[lb]:
+            if not available:
                 del pool[lb]
         buffered = sum(len(v) for v in pool.values())
         yield torch.stack(images), torch.tensor(targets)
