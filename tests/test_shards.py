@@ -103,13 +103,17 @@ def test_query_and_eval_index_groups(sharded):
     assert {m["usage"] for m in got} <= {"Public", "Private"}
     index = prepare.read_list(prepared / "eval_index.parquet")
     assert [m["id"] for _, _, m in read_group(out, "eval_index")] == index["id"].tolist()
+    # evaluation shards apart from the training ones: two DVC outputs
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["eval_index", "query"]
+    assert sorted(p.name for p in out.iterdir()) == ["eval", "report.json", "train"]
+    assert (out / "train" / "lists.json").is_file()
 
 
 def test_manifest_records_match_files(sharded):
     _, _, out, _ = sharded
     manifest = shards.read_manifest(out, "eval_index")
     for entry in manifest["shards"]:
-        data = (out / "eval_index" / entry["file"]).read_bytes()
+        data = (shards.group_dir(out, "eval_index") / entry["file"]).read_bytes()
         assert entry["bytes"] == len(data)
         assert entry["sha256"] == hashlib.sha256(data).hexdigest()
     assert manifest["samples"] == sum(e["samples"] for e in manifest["shards"])
@@ -123,7 +127,7 @@ def test_resume_after_interruption_gives_identical_shards(sharded, tmp_path):
                     stop_after=3)
     written = {p: p.stat().st_mtime_ns for p in resumed.rglob("*.tar")}
     assert len(written) == 3
-    group_dir = next(p for p in resumed.iterdir() if p.is_dir())
+    group_dir = next(p for p in (resumed / "train").iterdir() if p.is_dir())
     (group_dir / f".{group_dir.name}-000009.tar.tmp123").write_bytes(b"half a shard")
     shards.main(with_shard(params, workers=2), prepared, resumed, tmp_path / "m.json",
                 progress=False)
@@ -139,7 +143,7 @@ def test_changed_settings_rewrite_and_remove_stale(sharded, tmp_path):
                 progress=False)
     manifest = shards.read_manifest(copy, "eval_index")
     assert all(e["samples"] <= 25 for e in manifest["shards"])
-    files = sorted(p.name for p in (copy / "eval_index").glob("*.tar"))
+    files = sorted(p.name for p in shards.group_dir(copy, "eval_index").glob("*.tar"))
     assert files == sorted(e["file"] for e in manifest["shards"])
 
 

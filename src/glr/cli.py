@@ -173,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "evaluation index; shrink images larger than training needs. Parallel and "
                     "resumable: a rerun keeps finished shards. Reads: PREPARED/*.parquet, the "
                     "images under params data.root (tree or official tars); params `shard`. "
-                    "Writes: OUT/<group>/*.tar with manifest.json, OUT/lists.json, "
-                    "OUT/report.json (skipped images) and the totals METRICS.")
+                    "Writes: OUT/train/<group>/*.tar and OUT/eval/{query,eval_index}/*.tar, each "
+                    "group with manifest.json, OUT/train/lists.json, OUT/report.json (skipped "
+                    "images) and the totals METRICS.")
     _add_params(shard)
     shard.add_argument("--prepared", type=Path, default=Path("data/prepared"),
                        help="prepare's output folder (default: %(default)s)")

@@ -22,7 +22,8 @@ params, never on worker count or interruptions. Each shard is written under a te
 renamed when complete, with a small `<shard>.info.json` (samples, bytes, sha256, bad images and a
 fingerprint of its plan and settings); a rerun keeps every shard whose fingerprint still matches
 and writes only the rest. Per group, `manifest.json` lists shard files, sample counts, bytes and
-sha256; `lists.json` says which groups make each list; `report.json` lists skipped images.
+sha256; `train/lists.json` says which groups make each list; `report.json` lists skipped
+images. Training groups are written under `train/`, `query` and `eval_index` under `eval/`.
 
 Pre-resizing: an image with a side longer than training at `max_side` needs is downscaled and
 re-encoded (see `target_size`: `square`, the default, clamps each side to max_side, which the
@@ -301,10 +302,10 @@ def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 def write_shard(task: ShardTask, out_dir: Path, source, settings: dict) -> dict:
     """Write one shard atomically; return its info record (also saved beside it)."""
-    group_dir = Path(out_dir) / task.group
-    group_dir.mkdir(parents=True, exist_ok=True)
-    final = group_dir / task.name
-    tmp = group_dir / f".{task.name}.tmp{os.getpid()}"
+    folder = group_dir(out_dir, task.group)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / task.name
+    tmp = folder / f".{task.name}.tmp{os.getpid()}"
     bad, resized, samples = [], 0, 0
     ids, splits = task.rows["id"].astype(str).tolist(), task.rows["split"].astype(str).tolist()
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -329,8 +330,8 @@ def write_shard(task: ShardTask, out_dir: Path, source, settings: dict) -> dict:
     info = {"file": task.name, "samples": samples, "bytes": tmp.stat().st_size,
             "sha256": digest, "reencoded": resized, "bad": bad,
             "fingerprint": task_fingerprint(task, settings)}
-    info_path = group_dir / f"{task.name}.info.json"
-    info_tmp = group_dir / f".{task.name}.info.json.tmp{os.getpid()}"
+    info_path = folder / f"{task.name}.info.json"
+    info_tmp = folder / f".{task.name}.info.json.tmp{os.getpid()}"
     info_tmp.write_text(json.dumps(info, indent=1) + "\n")
     tmp.replace(final)  # the shard first: an info file never describes a missing shard
     info_tmp.replace(info_path)
@@ -339,9 +340,9 @@ def write_shard(task: ShardTask, out_dir: Path, source, settings: dict) -> dict:
 
 def finished_info(task: ShardTask, out_dir: Path, settings: dict) -> dict | None:
     """The info of an already written shard with the same plan and settings, else None."""
-    group_dir = Path(out_dir) / task.group
-    info_path = group_dir / f"{task.name}.info.json"
-    if not (group_dir / task.name).is_file() or not info_path.is_file():
+    folder = group_dir(out_dir, task.group)
+    info_path = folder / f"{task.name}.info.json"
+    if not (folder / task.name).is_file() or not info_path.is_file():
         return None
     try:
         info = json.loads(info_path.read_text())
@@ -349,7 +350,7 @@ def finished_info(task: ShardTask, out_dir: Path, settings: dict) -> dict | None
         return None
     if info.get("fingerprint") != task_fingerprint(task, settings):
         return None
-    if (group_dir / task.name).stat().st_size != info.get("bytes"):
+    if (folder / task.name).stat().st_size != info.get("bytes"):
         return None
     return info
 
@@ -407,8 +408,14 @@ def write_all(tasks: list[ShardTask], out_dir: Path, source, settings: dict, wor
 # --------------------------------------------------------------------------- manifests
 
 
+def group_dir(shard_dir: Path, group: str) -> Path:
+    """Training groups live under train/, the evaluation groups under eval/: two DVC outputs,
+    so that a new evaluation set does not look like new training data."""
+    return Path(shard_dir) / ("eval" if group in EVAL_GROUPS else "train") / group
+
+
 def manifest_path(shard_dir: Path, group: str) -> Path:
-    return Path(shard_dir) / group / "manifest.json"
+    return group_dir(shard_dir, group) / "manifest.json"
 
 
 def read_manifest(shard_dir: Path, group: str) -> dict:
@@ -420,12 +427,12 @@ def read_manifest(shard_dir: Path, group: str) -> dict:
 
 def shard_urls(shard_dir: Path, groups: list[str]) -> list[str]:
     """Paths of every shard of `groups`, from their manifests."""
-    return [str(Path(shard_dir) / group / entry["file"])
+    return [str(group_dir(shard_dir, group) / entry["file"])
             for group in groups for entry in read_manifest(shard_dir, group)["shards"]]
 
 
 def read_lists(shard_dir: Path) -> dict[str, list[str]]:
-    path = Path(shard_dir) / "lists.json"
+    path = Path(shard_dir) / "train" / "lists.json"
     if not path.is_file():
         raise ShardError(f"{path}: not found; run `glr shard` (dvc repro shard)")
     return json.loads(path.read_text())
@@ -468,19 +475,28 @@ def write_manifests(out_dir: Path, tasks: list[ShardTask], infos: dict[str, dict
 
 
 def remove_stale(out_dir: Path, tasks: list[ShardTask]) -> int:
-    """Delete shards, info files and group folders that the current plan no longer has."""
-    wanted_groups = {t.group for t in tasks}
-    wanted = {f"{t.group}/{t.name}" for t in tasks}
+    """Delete shards, info files, group folders and stray files the current plan no longer has
+    (also the half-written temporary files of an interrupted run)."""
+    wanted = {group_dir(out_dir, t.group) / t.name for t in tasks}
+    wanted_dirs = {group_dir(out_dir, t.group) for t in tasks}
     removed = 0
-    for group_dir in [p for p in Path(out_dir).iterdir() if p.is_dir()]:
-        for path in group_dir.iterdir():
-            name = path.name.removesuffix(".info.json")
-            keep = path.name == "manifest.json" and group_dir.name in wanted_groups
-            if not keep and f"{group_dir.name}/{name}" not in wanted:
+    for part in ("train", "eval"):
+        top = Path(out_dir) / part
+        if not top.is_dir():
+            continue
+        for path in top.iterdir():
+            if path.is_file() and path.name != "lists.json":
                 path.unlink()
                 removed += 1
-        if group_dir.name not in wanted_groups:
-            group_dir.rmdir()
+            if not path.is_dir():
+                continue
+            for item in path.iterdir():
+                keep = item.name == "manifest.json" and path in wanted_dirs
+                if not keep and path / item.name.removesuffix(".info.json") not in wanted:
+                    item.unlink()
+                    removed += 1
+            if path not in wanted_dirs:
+                path.rmdir()
     return removed
 
 
@@ -553,7 +569,7 @@ def main(params: Params, prepared_dir: Path, out_dir: Path, metrics_path: Path,
     for meta in groups_meta.values():
         meta.update(max_side=params.shard.max_side, resize=params.shard.resize)
     write_manifests(out_dir, tasks, infos, groups_meta)
-    _write_json(out_dir / "lists.json", lists)
+    _write_json(out_dir / "train" / "lists.json", lists)
 
     planned = sum(len(t.rows) for t in tasks)
     bad = [entry for info in infos.values() for entry in info["bad"]]
