@@ -25,7 +25,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -49,7 +48,7 @@ from glr.train import (
 log = logging.getLogger(__name__)
 
 SETS = ("query", "index", "ref")
-FORMAT = 1  # bump when the features written for the same model and settings change
+FORMAT = 2  # bump when the parts or features written for the same inputs change
 
 
 def set_groups(shard_dir: Path) -> dict[str, list[str]]:
@@ -122,11 +121,19 @@ def extract_parts(model: torch.nn.Module, urls: list[str], counts: list[int], pa
                            "fewer samples than their manifests say")
 
 
+PART_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()),
+                         ("country", pa.string()), ("continent", pa.string())])
+
+
 def _save_part(parts: Path, number: int, rows: list[tuple[int, np.ndarray, str]],
                dim: int | None = None) -> None:
+    """One shard's features (.npy) and id table (.parquet; label/country empty for queries)."""
     rows.sort(key=lambda row: row[0])
+    metas = [json.loads(r[2]) for r in rows]
+    table = pa.table({name: pa.array([m.get(name) for m in metas], type=field.type)
+                      for name, field in zip(PART_SCHEMA.names, PART_SCHEMA, strict=True)})
+    pq.write_table(table, parts / f"{number:06d}.parquet")
     tmp = parts / f".{number:06d}.tmp{os.getpid()}.npy"
-    (parts / f"{number:06d}.json").write_text(json.dumps([json.loads(r[2]) for r in rows]))
     features = (np.stack([r[1] for r in rows]) if rows
                 else np.zeros((0, dim or 0), dtype=np.float16))
     np.save(tmp, features)
@@ -135,28 +142,24 @@ def _save_part(parts: Path, number: int, rows: list[tuple[int, np.ndarray, str]]
 
 def assemble(parts: Path, num_shards: int, out_npy: Path, out_table: Path,
              columns: list[str], dim: int) -> int:
-    """Concatenate the parts in shard order into one float16 .npy and one id table."""
-    metas: list[dict] = []
-    counts = []
-    for number in range(num_shards):
-        part_meta = json.loads((parts / f"{number:06d}.json").read_text())
-        metas += part_meta
-        counts.append(len(part_meta))
+    """Concatenate the parts in shard order into one float16 .npy and one id table, part by
+    part (4.9M reference rows never pass through Python objects or one big array)."""
+    tables = [pq.read_table(parts / f"{number:06d}.parquet") for number in range(num_shards)]
+    counts = [t.num_rows for t in tables]
     tmp = out_npy.with_name(f".{out_npy.name}.tmp{os.getpid()}.npy")
     matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                       shape=(len(metas), dim))
+                                       shape=(sum(counts), dim))
     row = 0
     for number, count in enumerate(counts):
-        if count:  # stream part by part: never the whole matrix in memory
+        if count:
             matrix[row: row + count] = np.load(parts / f"{number:06d}.npy")
         row += count
     matrix.flush()
     del matrix
     tmp.replace(out_npy)
-    table = pd.DataFrame(metas)
-    table = table[[c for c in columns if c in table.columns]]
-    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), out_table)
-    return len(metas)
+    table = pa.concat_tables(tables).select(columns)
+    pq.write_table(table, out_table)
+    return sum(counts)
 
 
 def last_phase(params: Params) -> str:
