@@ -101,3 +101,20 @@ def small_pipeline(tmp_path_factory, small_synth):
     })
     prepare.main(params, base / "prepared", base / "prepare.json")
     return params, base / "prepared"
+
+
+@pytest.fixture(scope="session")
+def small_shards(small_pipeline, tmp_path_factory):
+    """The small pipeline's shards (written once per test session)."""
+    from glr import shards
+
+    params, prepared = small_pipeline
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    shards.main(params, prepared, out, out.parent / "m.json", progress=False)
+    return out
+
+
+def endless(value):
+    """An endless stream of one value (for mixing tests)."""
+    while True:
+        yield value

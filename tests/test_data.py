@@ -14,6 +14,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
+from conftest import endless
 from glr import shards
 from glr.data import (
     EvalTransform,
@@ -108,10 +109,6 @@ def test_share_splits_exactly():
 
 
 def test_mix_proportions():
-    def endless(value):
-        while True:
-            yield value
-
     stream = mix([endless("a"), endless("b"), endless("c")], [0.5, 0.3, 0.2], random.Random(3))
     draws = Counter(next(stream) for _ in range(100_000))
     assert abs(draws["a"] / 100_000 - 0.5) < 0.02
@@ -120,11 +117,8 @@ def test_mix_proportions():
 
 
 @pytest.fixture(scope="module")
-def shard_dir(small_pipeline, tmp_path_factory):
-    params, prepared = small_pipeline
-    out = tmp_path_factory.mktemp("data") / "shards"
-    shards.main(params, prepared, out, out.parent / "m.json", progress=False)
-    return out
+def shard_dir(small_shards):
+    return small_shards
 
 
 def _collect(dataset, rank, world, monkeypatch, workers=2):

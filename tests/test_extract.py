@@ -13,17 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from glr import extract, prepare, shards, train
+from glr import extract, prepare, train
 from glr.params import parse_params
 
 
 @pytest.fixture(scope="module")
-def setup(small_pipeline, tmp_path_factory):
+def setup(small_pipeline, small_shards, tmp_path_factory):
     """Small shards and an (untrained) resnet10t model folder at models/resnet10t/p1."""
     base_params, prepared = small_pipeline
     root = tmp_path_factory.mktemp("extract")
-    shard_dir = root / "shards"
-    shards.main(base_params, prepared, shard_dir, root / "m.json", progress=False)
+    shard_dir = small_shards
     params = parse_params({
         "data": dataclasses.asdict(base_params.data),
         "model": {"backbones": ["resnet10t"], "size": 32, "embedding_dim": 16},

@@ -17,6 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import endless
 from glr import shards, train
 from glr.data import mix
 from glr.data.samplers import continent_group_probs
@@ -59,10 +60,6 @@ def test_continent_sampler_proportions_over_100k_draws():
                  _manifest("OTHER", True, 5)]
     probs = continent_group_probs(manifests, ContinentParams())
 
-    def endless(value):
-        while True:
-            yield value
-
     stream = mix([endless(i) for i in range(len(manifests))], probs, random.Random(0))
     draws = Counter(next(stream) for _ in range(100_000))
     continents = Counter()
@@ -100,11 +97,8 @@ def tiny_params(base: Params, **train_changes) -> Params:
 
 
 @pytest.fixture(scope="module")
-def shard_dir(small_pipeline, tmp_path_factory):
-    params, prepared = small_pipeline
-    out = tmp_path_factory.mktemp("train") / "shards"
-    shards.main(params, prepared, out, out.parent / "m.json", progress=False)
-    return out
+def shard_dir(small_shards):
+    return small_shards
 
 
 def run_phase(params, shard_dir, root: Path, phase: str, stop_after_epochs=None):
