@@ -58,13 +58,20 @@ def test_features_files_and_order(setup):
     assert list(ref.columns) == ["id", "label", "country", "continent"]
 
 
-def test_resume_reuses_finished_shards(setup):
+def test_resume_reuses_finished_shards(setup, caplog):
     params, _, shard_dir, root = setup
     first = run(params, shard_dir, root, "resume")
     parts = sorted((root / "resume/runs/extract/resnet10t").rglob("*.npy"))
     stamps = {p: p.stat().st_mtime_ns for p in parts}
     parts[0].unlink()  # as if interrupted before the first shard was saved
+    caplog.set_level("INFO", logger="glr.extract")
     again = run(params, shard_dir, root, "resume")
+    # the log says what was reused: one part was missing from the set it belonged to
+    resumed = [r.getMessage() for r in caplog.records if "resuming" in r.getMessage()]
+    total = len(list(parts[0].parent.glob("*.npy")))
+    assert any(f"{total - 1} of {total} shard parts already extracted" in m and "1 to go" in m
+               for m in resumed), resumed
+    assert len(resumed) == 3  # query, index and reference parts were all found
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != parts[0])
     for name in ("query", "index", "ref"):
         assert np.array_equal(np.load(first / f"{name}.npy"), np.load(again / f"{name}.npy"))

@@ -99,3 +99,25 @@ def test_malformed_country_file(tmp_path):
     (layout.country_dir / "JP.json").unlink()
     with pytest.raises(GLDv2FormatError, match=r"JP\.json: file not found"):
         gldv2.read_country_categories(layout)
+
+
+@pytest.mark.parametrize(("reader", "header", "expected"), [
+    (gldv2.read_train, ["id", "url", "landmark_id"], "one row per train image"),
+    (gldv2.read_train_clean, ["landmark_id", "images"], "one row per clean landmark"),
+    (gldv2.read_solution, ["id", "images", "Usage"], "one row per test image"),
+])
+def test_header_only_file_is_an_error_naming_it(tmp_path, reader, header, expected):
+    path = tmp_path / "header_only.csv"
+    write_csv(path, header, [])
+    with pytest.raises(GLDv2FormatError, match=rf"header_only\.csv: no data rows after the "
+                                               rf"header \(expected {expected}\)"):
+        reader(path)
+
+
+def test_solution_with_only_ignored_rows_is_an_error(tmp_path):
+    path = tmp_path / "solution.csv"
+    write_csv(path, ["id", "images", "Usage"], [(hexid("1"), "None", "Ignored"),
+                                                (hexid("2"), "None", "Ignored")])
+    with pytest.raises(GLDv2FormatError, match=r"solution\.csv: no Public or Private query "
+                                               r"\(only 2 Ignored row\(s\)\)"):
+        gldv2.read_solution(path)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -334,3 +336,99 @@ def test_a_malformed_submission_names_file_and_row(tmp_path: Path, text: str, pr
     path.write_text(text)
     with pytest.raises(MetricError, match=f"bad_submission.csv: {problem}"):
         read_submission_csv(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files that cannot be scored faithfully (issue 8, section 3)
+# ---------------------------------------------------------------------------------------------
+
+# q1: truth {a, c, e}; predictions a b c → hits at 1 and 3 → AP (1/1 + 2/3) / 3 = 5/9.
+# Read as "q1,a,b,c" without the width check it would be the single prediction a: AP 1/3.
+COMMA_SOLUTION = "id,images,Usage\nq1,a c e,Public\nq2,None,Ignored\n"
+
+
+def test_ids_separated_by_commas_are_an_error_naming_file_and_row(tmp_path: Path):
+    solution = tmp_path / "solution.csv"
+    solution.write_text(COMMA_SOLUTION)
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text("id,images\nq2,z\nq1,a b c\n")
+    result = evaluate_files(solution, spaced)
+    assert result["map@100"] == pytest.approx(5 / 9)
+    assert result["map@100_public"] == pytest.approx(5 / 9)
+    assert result["recall@100"] == pytest.approx(2 / 3)
+
+    commas = tmp_path / "commas.csv"
+    commas.write_text("id,images\nq2,z\nq1,a,b,c\n")
+    with pytest.raises(MetricError, match=r"commas\.csv: row 3: 4 cells but the header has 2 "
+                                          r"columns \['id', 'images'\] .*separated by spaces"):
+        evaluate_files(solution, commas)
+
+
+def test_a_solution_row_with_extra_cells_is_an_error_naming_file_and_row(tmp_path: Path):
+    path = tmp_path / "solution.csv"
+    path.write_text("id,images,Usage\nq1,a,Public\nq2,b,c,Private\n")
+    with pytest.raises(MetricError, match=r"solution\.csv: row 3: 4 cells but the header has 3"):
+        read_solution_csv(path)
+
+
+@pytest.mark.parametrize(
+    ("header", "reader"),
+    [("id,images,Usage", read_solution_csv), ("id,images", read_submission_csv)],
+)
+def test_a_cell_over_the_csv_field_size_limit_names_file_and_row(
+    tmp_path: Path, header: str, reader: Callable[[Path], object]
+):
+    limit = csv.field_size_limit()
+    usage = ",Public" if "Usage" in header else ""
+    path = tmp_path / "huge.csv"
+    path.write_text(f"{header}\nq1,a{usage}\nq2,{'b' * (limit + 1)}{usage}\n")
+    with pytest.raises(MetricError, match=rf"huge\.csv: row 3: a cell is longer than {limit} "
+                                          "characters, the csv module's field size limit"):
+        reader(path)
+
+
+@pytest.mark.parametrize(
+    ("header", "reader"),
+    [("id,images,Usage", read_solution_csv), ("id,images", read_submission_csv)],
+)
+def test_a_non_utf8_file_names_file_line_and_byte_offset(
+    tmp_path: Path, header: str, reader: Callable[[Path], object]
+):
+    usage = b",Public" if "Usage" in header else b""
+    path = tmp_path / "latin1.csv"
+    first = header.encode() + b"\nq1,a" + usage + b"\n"
+    path.write_bytes(first + b"q2,b\xe9c" + usage + b"\n")
+    offset = len(first) + len(b"q2,b")
+    with pytest.raises(MetricError, match=rf"latin1\.csv: line 3 \(byte offset {offset}\): "
+                                          r"not UTF-8 text \(byte\(s\) e9\)"):
+        reader(path)
+    # The same in the header, and after a byte-order mark (counted in the offset).
+    path.write_bytes(b"\xef\xbb\xbfid,im\xffages\n")
+    with pytest.raises(MetricError, match=r"latin1\.csv: line 1 \(byte offset 8\): "):
+        reader(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("id,images,Usage\n", "no query rows after the header: nothing to score"),
+        ("id,images,Usage\nq1,None,Ignored\nq2,,Ignored\n",
+         r"no Public or Private query \(only 2 Ignored row\(s\)\): nothing to score"),
+    ],
+)
+def test_a_solution_with_nothing_to_score_is_an_error_not_a_zero(
+    tmp_path: Path, text: str, problem: str
+):
+    solution = tmp_path / "empty_solution.csv"
+    solution.write_text(text)
+    submission = tmp_path / "submission.csv"
+    submission.write_text("id,images\n")
+    with pytest.raises(MetricError, match=f"empty_solution.csv: {problem}"):
+        evaluate_files(solution, submission)
+
+
+def test_a_missing_file_is_an_error_naming_it(tmp_path: Path):
+    solution = tmp_path / "solution.csv"
+    solution.write_text(COMMA_SOLUTION)
+    with pytest.raises(MetricError, match=r"nowhere\.csv: file not found"):
+        evaluate_files(solution, tmp_path / "nowhere.csv")

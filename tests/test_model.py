@@ -113,6 +113,24 @@ def arcface_inputs(head: ArcFace) -> tuple[torch.Tensor, torch.Tensor]:
     return features, torch.tensor([0, 1, 2, 3])
 
 
+# float32 unit roundoff: every float32 operation is exact up to a relative 2^-24.
+FLOAT32_U = 2.0**-24
+
+
+def arcface_float32_tolerance(s: float, dim: int) -> float:
+    """A bound on |float32 ArcFace logit - exact logit| for unit-normalized inputs of `dim`.
+
+    First-order error analysis, valid for any summation order (so for any BLAS kernel, SIMD
+    width or thread count): F.normalize scales each row by 1/|x| with |x| off by at most
+    (dim/2 + 2)u, and rounds each component (u); a dot product of length dim adds at most
+    dim*u. So a cosine is off by at most (2*dim + 6)u. The stable sine (|a - b| |a + b| / 2)
+    sums dim squares of differences whose components are off by (dim/2 + 3)u each, which gives
+    at most (4*dim + 20)u. The target logit s(c cos m - sin sin m) and the others s*c are then
+    off by at most s(6*dim + 30)u.
+    """
+    return s * (6 * dim + 30) * FLOAT32_U
+
+
 def test_arcface_matches_float64_reference_on_both_branches() -> None:
     torch.manual_seed(0)
     head = ArcFace(in_features=6, num_classes=5, s=30.0, m=0.3)
@@ -128,15 +146,36 @@ def test_arcface_matches_float64_reference_on_both_branches() -> None:
     assert logits.shape == (4, 5)
     assert logits.dtype == torch.float32
     reference = arcface_reference(features, head.weight.detach(), labels, 30.0, 0.3)
-    torch.testing.assert_close(logits.double(), reference, rtol=0, atol=2e-4)
+    tolerance = arcface_float32_tolerance(30.0, 6)  # 1.2e-4; sqrt(1 - cos^2) was off by 4e-3
+    torch.testing.assert_close(logits.double(), reference, rtol=0, atol=tolerance)
     # Known values: theta = 0 gives s cos(m); theta = pi gives s (-1 - m sin(m)).
-    assert logits[1, 1].item() == pytest.approx(30.0 * math.cos(0.3), abs=2e-4)
-    assert logits[2, 2].item() == pytest.approx(-32.659681860, abs=2e-4)
+    assert logits[1, 1].item() == pytest.approx(30.0 * math.cos(0.3), abs=tolerance)
+    assert logits[2, 2].item() == pytest.approx(-32.659681860, abs=tolerance)
     # Every non-target logit is s cos(theta).
     non_target = torch.ones(4, 5, dtype=torch.bool)
     non_target[torch.arange(4), labels] = False
     torch.testing.assert_close(logits[non_target].double(), 30.0 * cosine[non_target],
-                               rtol=0, atol=2e-4)
+                               rtol=0, atol=tolerance)
+
+
+def test_arcface_margin_is_accurate_near_theta_0_in_float32() -> None:
+    """Angles of 1e-3 .. 1e-7 rad, where cos is within a few ulps of 1: the margin logit
+    s cos(theta + m) must keep float32 accuracy (sqrt(1 - cos^2) loses half the digits)."""
+    torch.manual_seed(0)
+    dim = 64
+    head = ArcFace(in_features=dim, num_classes=8, s=30.0, m=0.3)
+    weight = F.normalize(head.weight.detach().double())
+    direction = torch.randn(8, dim, dtype=torch.float64)
+    # A unit vector orthogonal to each target row, then features at angle theta from it.
+    orthogonal = F.normalize(direction - (direction * weight).sum(1, keepdim=True) * weight)
+    thetas = torch.tensor([1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 1e-7], dtype=torch.float64)
+    features = (weight * thetas.cos()[:, None] + orthogonal * thetas.sin()[:, None]).float()
+    labels = torch.arange(8)
+    logits = head(features, labels)
+    exact = 30.0 * torch.cos(thetas + 0.3)
+    # The float32 features themselves sit at an angle off theta by up to ~sqrt(dim) * u.
+    tolerance = arcface_float32_tolerance(30.0, dim) + 30.0 * math.sqrt(dim) * FLOAT32_U
+    torch.testing.assert_close(logits[labels, labels].double(), exact, rtol=0, atol=tolerance)
 
 
 def test_arcface_gradients_are_finite_at_theta_0_and_pi() -> None:
@@ -158,9 +197,14 @@ def test_arcface_computes_in_float32_under_autocast() -> None:
         logits = head(features, labels)
         half_precision_logits = head(features.bfloat16(), labels)
     assert logits.dtype == half_precision_logits.dtype == torch.float32
-    # A bfloat16 matmul would be off by ~0.1 here (30 * 2^-8).
-    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(half_precision_logits, expected, rtol=0, atol=0.3)
+    # Autocast is off inside the head: float32 inputs run the very same float32 kernels.
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    # bfloat16 features: each component is rounded by at most 2^-9 of itself, so a feature
+    # turns by at most asin(2^-9) rad, and every logit (s cos(theta), s cos(theta + m) or the
+    # linear penalty) moves by at most s times that: 0.059, plus the float32 error. A bfloat16
+    # matmul inside the head would add up to s * 2 * 2^-8 = 0.23 on top.
+    tolerance = 30.0 * math.asin(2.0**-9) + 2 * arcface_float32_tolerance(30.0, 6)
+    torch.testing.assert_close(half_precision_logits, expected, rtol=0, atol=tolerance)
 
 
 def test_arcface_weight_init_is_xavier_uniform() -> None:

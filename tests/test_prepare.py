@@ -183,3 +183,25 @@ def test_shared_category_maps_to_the_last_train_landmark_in_file_order(tiny_gldv
     all_list = run(tiny_gldv2).lists["all"]
     index = all_list[all_list["split"] == "index"]
     assert rows(index) == [("f1", 1, True), ("f2", 0, True), ("f4", 1, True)]
+
+
+@pytest.mark.parametrize(("file", "header"), [
+    ("train_csv", ["id", "url", "landmark_id"]),
+    ("train_clean_csv", ["landmark_id", "images"]),
+    ("solution_csv", ["id", "images", "Usage"]),
+])
+def test_header_only_metadata_file_stops_prepare(tiny_gldv2, file, header):
+    """A header-only train list used to give empty lists and rc 0; a header-only solution a
+    numpy TypeError in ground_truth_pairs."""
+    path = getattr(tiny_gldv2, file)
+    write_csv(path, header, [])
+    with pytest.raises(GLDv2FormatError, match=rf"{path.name}: no data rows after the header"):
+        prepare.read_metadata(tiny_gldv2.root, tiny_gldv2.continent_csv)
+
+
+def test_ground_truth_pairs_without_scored_queries_is_empty(tiny_gldv2):
+    """Metadata built by hand (no reader check) with only Ignored queries: no pairs, no error."""
+    meta = prepare.read_metadata(tiny_gldv2.root, tiny_gldv2.continent_csv)
+    meta.solution = meta.solution[meta.solution["usage"] == "Ignored"].reset_index(drop=True)
+    pairs = prepare.ground_truth_pairs(meta)
+    assert len(pairs) == 0 and pairs["image"].dtype == np.uint64

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -220,4 +222,165 @@ def test_official_tar_archives_as_source(sharded, tmp_path):
     from_tars = tmp_path / "shards"
     params = with_shard(with_root(params, root), source="tar")
     shards.main(params, prepared, from_tars, tmp_path / "m.json", progress=False)
-    assert digest(from_tars) == digest(out)
+    # The same bytes in every shard and manifest; only the info files' fingerprints differ,
+    # as they record where the images came from.
+    assert ({k: v for k, v in digest(from_tars).items() if not k.endswith(".info.json")}
+            == {k: v for k, v in digest(out).items() if not k.endswith(".info.json")})
+
+
+# --------------------------------------------------------------------------- what a rerun notices
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*.tar")}
+
+
+def shards_holding(shard_dir: Path, image_id: str) -> list[str]:
+    """The shard files (relative to shard_dir) that hold a sample of `image_id`."""
+    names = []
+    for path in sorted(shard_dir.rglob("*.tar")):
+        with tarfile.open(path) as tar:
+            if any(name.startswith(image_id) for name in tar.getnames()):
+                names.append(str(path.relative_to(shard_dir)))
+    return names
+
+
+def copy_dataset(params: Params, root: Path) -> Params:
+    """A copy of the mini dataset at `root`, with params reading it and its fingerprint."""
+    shutil.copytree(params.data.root, root)
+    params = with_root(params, root)
+    return dataclasses.replace(params, data=dataclasses.replace(
+        params.data, images_fingerprint=str(root / "images.md5")))
+
+
+def test_shards_written_from_a_wrong_root_are_rewritten_once_it_is_fixed(sharded, tmp_path):
+    params, prepared, out, _ = sharded
+    shard_dir = tmp_path / "shards"
+    wrong = tmp_path / "empty"
+    wrong.mkdir()
+    with pytest.raises(shards.ShardError, match="are missing or corrupt"):
+        shards.main(with_root(params, wrong), prepared, shard_dir, tmp_path / "m.json",
+                    progress=False)
+    totals = shards.main(params, prepared, shard_dir, tmp_path / "m.json", progress=False)
+    assert totals["bad"] == 0 and totals["samples"] == totals["planned"]
+    assert digest(shard_dir) == digest(out)
+
+
+def test_a_shard_that_skipped_images_retries_them(sharded, tmp_path, caplog):
+    params, prepared, _, _ = sharded
+    params = with_shard(copy_dataset(params, tmp_path / "mini"), max_bad_fraction=0.5)
+    index = prepare.read_list(prepared / "eval_index.parquet")["id"].tolist()
+    image = Layout(tmp_path / "mini").image_path("index", index[0])
+    good = image.read_bytes()
+    image.write_bytes(good[: len(good) // 3])  # truncated
+    shard_dir = tmp_path / "shards"
+    totals = shards.main(params, prepared, shard_dir, tmp_path / "m.json", progress=False)
+    # an index image is in the evaluation index and (mapped to a train landmark) in `all`
+    assert totals["bad"] == 2
+    before = mtimes(shard_dir)
+    image.write_bytes(good)  # restored: the fingerprint file did not change
+    caplog.set_level("INFO", logger="glr.shards")
+    totals = shards.main(params, prepared, shard_dir, tmp_path / "m.json", progress=False)
+    assert totals["bad"] == 0 and totals["samples"] == totals["planned"]
+    assert "writing 2 shards again that skipped" in caplog.text
+    after = mtimes(shard_dir)
+    holding = shards_holding(shard_dir, index[0])
+    assert "eval/eval_index/eval_index-000000.tar" in holding and len(holding) == 2
+    assert sorted(name for name in after if after[name] != before[name]) == holding
+    assert index[0] in [m["id"] for _, _, m in read_group(shard_dir, "eval_index")]
+
+
+def test_a_replaced_image_rewrites_only_its_shard_once_the_fingerprint_says_so(sharded,
+                                                                               tmp_path):
+    params, prepared, _, _ = sharded
+    params = copy_dataset(params, tmp_path / "mini")
+    shard_dir = tmp_path / "shards"
+    shards.main(params, prepared, shard_dir, tmp_path / "m.json", progress=False)
+    before = mtimes(shard_dir)
+    index = prepare.read_list(prepared / "eval_index.parquet")["id"].tolist()
+    relpath = image_relpath("index", index[0])
+    new = _jpeg((60, 40))
+    (tmp_path / "mini" / relpath).write_bytes(new)
+    # Without a new fingerprint nothing is noticed (the stage never hashes the images) ...
+    shards.main(params, prepared, shard_dir, tmp_path / "m.json", progress=False)
+    assert mtimes(shard_dir) == before
+    # ... with it, exactly the shard holding the image is written again.
+    fingerprint = tmp_path / "mini/images.md5"
+    lines = [f"{hashlib.md5(new).hexdigest()}  {relpath}" if line.endswith(f"  {relpath}")
+             else line for line in fingerprint.read_text().splitlines()]
+    fingerprint.write_text("\n".join(lines) + "\n")
+    shards.main(params, prepared, shard_dir, tmp_path / "m.json", progress=False)
+    after = mtimes(shard_dir)
+    holding = shards_holding(shard_dir, index[0])
+    assert "eval/eval_index/eval_index-000000.tar" in holding and len(holding) == 2
+    assert sorted(name for name in after if after[name] != before[name]) == holding
+    stored = {m["id"]: data for _, data, m in read_group(shard_dir, "eval_index")}
+    assert stored[index[0]] == new
+
+
+def test_image_digests_follow_each_images_entry_or_its_splits_archives():
+    def task(name: str, split: str, ids: list[str]) -> shards.ShardTask:
+        return shards.ShardTask(group=name, name=f"{name}.tar",
+                                rows=pd.DataFrame({"id": ids, "split": split}))
+
+    tasks = [task("a", "train", ["0123456789abcdef", "fedcba9876543210"]),
+             task("b", "index", ["00000000000000aa"])]
+
+    def digests(lines: list[str]) -> list[str]:
+        frame = pd.DataFrame([line.split("  ") for line in lines], columns=["md5", "path"])
+        return shards.image_digests(tasks, frame)[0]
+
+    per_image = ["0" * 32 + "  train/0/1/2/0123456789abcdef.jpg",
+                 "1" * 32 + "  train/f/e/d/fedcba9876543210.jpg"]
+    archives = ["2" * 32 + "  index/images_000.tar"]
+    base = digests([*per_image, *archives])
+    # one image's entry changes: only its task
+    changed = digests(["f" * 32 + "  train/0/1/2/0123456789abcdef.jpg", *per_image[1:],
+                       *archives])
+    assert changed[0] != base[0] and changed[1] == base[1]
+    # an archive of the index split changes: only the task with index images
+    changed = digests([*per_image, "3" * 32 + "  index/images_000.tar"])
+    assert changed[0] == base[0] and changed[1] != base[1]
+    # an archive without a split prefix (GLDv2's md5 files concatenated) covers every split
+    changed = digests([*per_image, *archives, "4" * 32 + "  images_007.tar"])
+    assert changed[0] != base[0] and changed[1] != base[1]
+    # images without any entry are counted
+    assert shards.image_digests(tasks, pd.DataFrame({"md5": [], "path": []}, dtype=str))[1] == 3
+
+
+def test_a_malformed_fingerprint_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "images.md5"
+    path.write_text("0" * 32 + "  train/0/1/2/0123456789abcdef.jpg\nnot-an-md5  x.jpg\n")
+    with pytest.raises(shards.ShardError, match=r"images\.md5: entry 2 is not `<md5>  <path>`"):
+        shards.read_image_fingerprints(path)
+    with pytest.raises(shards.ShardError, match="images fingerprint not found"):
+        shards.read_image_fingerprints(tmp_path / "absent.md5")
+
+
+@pytest.mark.parametrize("workers", [1, 2])  # in this process, and in pool workers (fork)
+def test_a_full_disk_is_one_clear_error_and_leaves_no_temporary_files(sharded, tmp_path,
+                                                                      monkeypatch, workers):
+    params, prepared, _, _ = sharded
+    shard_dir = tmp_path / "shards"
+    real_member = shards._tar_member
+    calls = {"n": 0}
+
+    def member_until_full(tar, name, payload):
+        calls["n"] += 1
+        if calls["n"] > 25:  # in the 13th sample: shards hold 10 here
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_member(tar, name, payload)
+
+    monkeypatch.setattr(shards, "_tar_member", member_until_full)
+    with pytest.raises(shards.ShardError) as raised:
+        shards.main(with_shard(params, workers=workers), prepared, shard_dir,
+                    tmp_path / "m.json", progress=False)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert re.match(r".*/shards/train/[a-z0-9_-]+/[a-z0-9_-]+-\d{6}\.tar: no space left on "
+                    r"the device while writing this shard \(\d+\.\d [KMGT]B free\); the \d+ "
+                    r"images still to shard need about \d+\.\d [KMG]B", message), message
+    assert not [p for p in shard_dir.rglob("*") if ".tmp" in p.name]
+    # the finished shards are kept, each with its info file
+    finished = list(shard_dir.rglob("*.tar"))
+    assert finished and len(list(shard_dir.rglob("*.info.json"))) == len(finished)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -143,6 +145,13 @@ def test_kill_and_resume_reaches_the_same_weights(small_pipeline, shard_dir, tmp
         assert torch.equal(straight[key], resumed[key]), key
     history = (tmp_path / "resumed/metrics/p1.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in history[1:]] == ["1", "2", "3"]
+    # Same outputs as the uninterrupted run: numbers stay numbers through the checkpoint
+    # (config.json differs only in the `init` folder, which lies under another root here).
+    assert ((tmp_path / "resumed/metrics/p1.tsv").read_bytes()
+            == (tmp_path / "straight/metrics/p1.tsv").read_bytes())
+    configs = [(tmp_path / name / "models/resnet10t/p1/config.json").read_text()
+               .replace(str(tmp_path / name), "ROOT") for name in ("straight", "resumed")]
+    assert configs[0] == configs[1]
 
 
 def test_torchrun_two_processes_on_cpu(small_pipeline, shard_dir, tmp_path):
@@ -193,13 +202,18 @@ def test_rerun_of_a_finished_phase_restores_its_outputs(small_pipeline, shard_di
     train.init_main(params, "resnet10t", tmp_path / "models")
     run_phase(params, shard_dir, tmp_path, "p1")
     weights = (tmp_path / "models/resnet10t/p1/model.safetensors").read_bytes()
+    config = (tmp_path / "models/resnet10t/p1/config.json").read_bytes()
     history = (tmp_path / "metrics/p1.tsv").read_text()
-    (tmp_path / "models/resnet10t/p1/model.safetensors").unlink()
+    final = json.loads(config)["final"]
+    assert all(isinstance(final[key], float) for key in ("loss", "top1", "lr"))
+    shutil.rmtree(tmp_path / "models/resnet10t/p1")
     (tmp_path / "metrics/p1.tsv").unlink()
     caplog.set_level("INFO")
     run_phase(params, shard_dir, tmp_path, "p1")
     assert "after epoch 3" in caplog.text and "epoch 1:" not in caplog.text.split("resuming")[1]
     assert (tmp_path / "models/resnet10t/p1/model.safetensors").read_bytes() == weights
+    # config.json too: `dvc status` would otherwise see a changed model and rerun extraction.
+    assert (tmp_path / "models/resnet10t/p1/config.json").read_bytes() == config
     assert (tmp_path / "metrics/p1.tsv").read_text() == history
 
 

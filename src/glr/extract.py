@@ -90,6 +90,9 @@ def extract_parts(model: torch.nn.Module, urls: list[str], counts: list[int], pa
     parts.mkdir(parents=True, exist_ok=True)
     mine = list(range(len(urls)))[env.rank::env.world]
     todo = [n for n in mine if not (parts / f"{n:06d}.npy").is_file()]
+    if len(todo) < len(mine):
+        log.info("%s: resuming: %d of %d shard parts already extracted in %s, %d to go", desc,
+                 len(mine) - len(todo), len(mine), parts, len(todo))
     for number in [n for n in todo if counts[n] == 0]:  # every image of the shard was bad
         _save_part(parts, number, [], dim=0)
     todo = [n for n in todo if counts[n] > 0]

@@ -204,6 +204,12 @@ def _arrow_message(err: Exception) -> str:
     return message
 
 
+def _require_rows(table: pa.Table, path: Path, what: str) -> None:
+    """Reject a file with a header and no data rows: every list built from it would be empty."""
+    if table.num_rows == 0:
+        raise GLDv2FormatError(f"{path}: no data rows after the header (expected {what})")
+
+
 def _ints(table: pa.Table, column: str) -> np.ndarray:
     return table.column(column).to_numpy()
 
@@ -211,6 +217,7 @@ def _ints(table: pa.Table, column: str) -> np.ndarray:
 def read_train(path: Path) -> pd.DataFrame:
     """train.csv → DataFrame(id: uint64, landmark_id: int64), file order; ids must be unique."""
     table = read_csv(path, {"id": pa.string(), "landmark_id": pa.int64()})
+    _require_rows(table, path, "one row per train image")
     frame = pd.DataFrame({"id": hex_to_uint64(table.column("id"), str(path)),
                           "landmark_id": _ints(table, "landmark_id")})
     _reject_duplicates(frame["id"], path)
@@ -223,6 +230,7 @@ def read_train_clean(path: Path) -> tuple[np.ndarray, pd.DataFrame]:
     `row` is the 0-based row number: the global label of the clean list.
     """
     table = read_csv(path, {"landmark_id": pa.int64(), "images": pa.string()})
+    _require_rows(table, path, "one row per clean landmark")
     landmark_ids = _ints(table, "landmark_id")
     _reject_duplicates(pd.Series(landmark_ids), path, what="landmark_id")
     images = pc.split_pattern(pc.utf8_trim_whitespace(table.column("images")), " ")
@@ -265,6 +273,7 @@ def read_solution(path: Path) -> pd.DataFrame:
     Ignored rows carry no ground truth (their `images` cell, often "None", is not read).
     """
     table = read_csv(path, {"id": pa.string(), "images": pa.string(), "Usage": pa.string()})
+    _require_rows(table, path, "one row per test image")
     ids = hex_to_uint64(table.column("id"), str(path))
     usage = table.column("Usage").to_numpy(zero_copy_only=False).astype(str)
     bad = np.flatnonzero(~np.isin(usage, USAGES))
@@ -273,6 +282,10 @@ def read_solution(path: Path) -> pd.DataFrame:
         raise GLDv2FormatError(f"{path}: Usage {str(usage[row])!r} at data row {row + 1} is "
                                f"not one of {', '.join(USAGES)}")
     scored = usage != "Ignored"
+    if not scored.any():
+        # No validation query: nothing for `evaluate` to score, nothing to hold out.
+        raise GLDv2FormatError(f"{path}: no Public or Private query (only {len(usage)} Ignored "
+                               "row(s)): nothing to evaluate on")
     cells = table.column("images").to_numpy(zero_copy_only=False)
     images: list[np.ndarray] = [np.zeros(0, dtype=np.uint64)] * len(ids)
     # Non-Ignored rows are few (1,129 in GLDv2), so a loop over them is cheap.

@@ -23,6 +23,11 @@ File formats (`read_solution_csv`, `read_submission_csv`, `write_submission_csv`
     solution:   id,images,Usage   images = space-separated ids; "None" or empty when Ignored
     submission: id,images         images = space-separated ids, possibly empty
 
+Both readers refuse, with a `MetricError` naming the file and the row (or byte), what they cannot
+read faithfully: a row with more cells than the header (ids separated by commas), text that is
+not UTF-8, a cell over the csv module's field size limit. A solution without a Public or Private
+query is refused too: there is nothing to score.
+
 The module is pure Python: no torch, no numpy.
 """
 
@@ -227,18 +232,77 @@ def score(
 
 
 def _read_rows(path: StrPath, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
-    """(row number, row) of a CSV file with the `required` columns; the header is row 1."""
-    # utf-8-sig: tolerate the byte-order mark that spreadsheet exports put before the header.
-    with Path(path).open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames
-        if header is None:
-            raise MetricError(f"{path}: row 1: the file is empty (expected a header {required})")
-        missing = [column for column in required if column not in header]
-        if missing:
-            raise MetricError(f"{path}: row 1: missing column(s) {missing} in header {header}")
-        # Rows are counted as records, so a quoted cell spanning lines is still one row.
-        yield from enumerate(reader, start=2)
+    """(row number, row) of a CSV file with the `required` columns; the header is row 1.
+
+    Everything that would otherwise end in a traceback or be scored silently wrong (a missing
+    file, text that is not UTF-8, a cell over the csv module's size limit, a row with more cells
+    than the header has columns) is a `MetricError` naming the file and the row.
+    """
+    if not Path(path).is_file():
+        raise MetricError(f"{path}: file not found")
+    row_number = 0  # the last row read whole; the next one is the one that can fail
+    try:
+        # utf-8-sig: tolerate the byte-order mark that spreadsheet exports put before the header.
+        with Path(path).open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = reader.fieldnames
+            if header is None:
+                raise MetricError(
+                    f"{path}: row 1: the file is empty (expected a header {required})"
+                )
+            row_number = 1
+            missing = [column for column in required if column not in header]
+            if missing:
+                raise MetricError(f"{path}: row 1: missing column(s) {missing} in header {header}")
+            # Rows are counted as records, so a quoted cell spanning lines is still one row.
+            for row_number, row in enumerate(reader, start=2):
+                _check_width(path, row_number, row, header)
+                yield row_number, row
+    except UnicodeDecodeError:
+        # The text layer decodes in blocks, so the row is unknown here: find the byte instead.
+        raise MetricError(f"{path}: {_utf8_problem(path)}") from None
+    except csv.Error as error:
+        raise MetricError(f"{path}: row {row_number + 1}: {_csv_problem(error)}") from None
+
+
+def _check_width(path: StrPath, row_number: int, row: dict[Any, Any], header: Sequence[str]
+                 ) -> None:
+    """Reject a row with more cells than the header has columns.
+
+    DictReader keeps the extra cells under the key None; ignoring them would score
+    "q,a,b,c" (ids separated by commas) as the single prediction "a".
+    """
+    extra = row.get(None)
+    if extra:
+        raise MetricError(
+            f"{path}: row {row_number}: {len(header) + len(extra)} cells but the header has "
+            f"{len(header)} columns {list(header)} (ids within a cell are separated by spaces, "
+            "not commas)"
+        )
+
+
+def _csv_problem(error: csv.Error) -> str:
+    """A readable reason for a csv module error; for the size limit, which limit and why."""
+    if "field larger than field limit" in str(error):
+        return (f"a cell is longer than {csv.field_size_limit()} characters, the csv module's "
+                "field size limit (an unclosed quote can also swallow the rest of the file)")
+    return f"not valid CSV: {error}"
+
+
+def _utf8_problem(path: StrPath) -> str:
+    """Where the file stops being UTF-8: 'line N (byte offset B): ...'."""
+    offset = 0
+    with Path(path).open("rb") as handle:
+        # Splitting at b"\n" never cuts a UTF-8 sequence: its bytes are all >= 0x80.
+        for line_number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                bad = line[error.start:error.end].hex(" ")
+                return (f"line {line_number} (byte offset {offset + error.start}): "
+                        f"not UTF-8 text (byte(s) {bad})")
+            offset += len(line)
+    return "not UTF-8 text"  # unreachable unless the file changed while being read
 
 
 def _split_ids(cell: str | None) -> list[str]:
@@ -271,6 +335,13 @@ def read_solution_csv(path: StrPath) -> dict[str, Query]:
             solution[query_id] = Query(usage, frozenset(images))
         except MetricError as error:
             raise MetricError(f"{path}: row {row_number}: query {query_id!r}: {error}") from None
+    # With no scored query every mean would be 0/0, reported as 0.0: refuse rather than
+    # report a score that means nothing.
+    if not solution:
+        raise MetricError(f"{path}: no query rows after the header: nothing to score")
+    if not any(query.scored for query in solution.values()):
+        raise MetricError(f"{path}: no {PUBLIC} or {PRIVATE} query (only {len(solution)} "
+                          f"{IGNORED} row(s)): nothing to score")
     return solution
 
 

@@ -186,7 +186,9 @@ def ground_truth_pairs(meta: Metadata) -> pd.DataFrame:
     Every ground-truth id must be in index_image_to_landmark.csv.
     """
     scored = meta.solution[meta.solution["usage"] != "Ignored"]
-    counts = scored["images"].map(len).to_numpy()
+    # int64 even when there is no scored query (an empty map gives an object array, which
+    # np.repeat refuses); readers reject such a solution, but Metadata can be built by hand.
+    counts = scored["images"].map(len).to_numpy(dtype=np.int64)
     pairs = pd.DataFrame({
         "query": np.repeat(scored["id"].to_numpy(), counts),
         "image": (np.concatenate(scored["images"].to_list()) if len(scored)

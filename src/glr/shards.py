@@ -33,13 +33,17 @@ copied byte for byte; EXIF-rotated or non-JPEG images are re-encoded upright as 
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
+import re
+import shutil
 import tarfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +54,7 @@ from PIL import Image, ImageOps
 from glr import gldv2
 from glr.params import Params, ShardParams
 from glr.progress import progress_bar
+from glr.workers import process_pool
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,27 @@ SHARD_FORMAT = 1  # bump when the bytes a shard holds for the same plan change
 
 class ShardError(RuntimeError):
     """Too many bad images, or an unusable source; the message says which and where."""
+
+
+class DiskFullError(ShardError):
+    """The disk filled up while a shard was written (raised in a worker, completed by the
+    parent with the space the remaining shards need)."""
+
+    def __init__(self, path: str, free: int, written: int, samples: int):
+        super().__init__(path, free, written, samples)  # args: picklable across processes
+        self.path, self.free, self.written, self.samples = path, free, written, samples
+
+    def __str__(self) -> str:
+        return (f"{self.path}: no space left on the device while writing this shard "
+                f"({human_bytes(self.free)} free)")
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(count) < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
 
 
 # --------------------------------------------------------------------------- planning
@@ -119,6 +145,7 @@ class ShardTask:
     group: str
     name: str
     rows: pd.DataFrame  # id, split, and the metadata columns stored with each sample
+    images: str = ""  # digest of the images fingerprint entries of its rows (image_digests)
 
     def keys(self) -> list[str]:
         """Sample keys: the id, plus the label in training groups (an image can carry two)."""
@@ -156,14 +183,89 @@ def plan_shards(frame: pd.DataFrame, group: str, samples_per_shard: int,
 
 
 def task_fingerprint(task: ShardTask, settings: dict) -> str:
-    """What a shard's bytes depend on: its planned samples and the writer's settings."""
+    """What a shard's bytes depend on: its planned samples, where they are read from (root,
+    source), the fingerprint entries of its images and the writer's settings."""
     digest = hashlib.sha256(json.dumps({"settings": settings, "format": SHARD_FORMAT,
-                                        "columns": list(task.rows.columns)},
+                                        "columns": list(task.rows.columns),
+                                        "images": task.images},
                                        sort_keys=True).encode())
     rows = task.rows.astype({c: str for c in ("split", "country", "continent", "usage")
                              if c in task.rows})
     digest.update(pd.util.hash_pandas_object(rows, index=False).to_numpy().tobytes())
     return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- image fingerprints
+
+# A per-image entry of the fingerprint file: `<split>/<a>/<b>/<c>/<id>.jpg` (what `glr synth`
+# writes, and what `md5sum` over an extracted GLDv2 tree gives). Every other entry (GLDv2's
+# per-archive `images_XXX.tar`, with or without a `<split>/` prefix) covers a whole split.
+_IMAGE_ENTRY = r"^(train|index|test)/[0-9a-f]/[0-9a-f]/[0-9a-f]/([0-9a-f]{16})\.jpg$"
+_MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
+
+
+def read_image_fingerprints(path: Path) -> pd.DataFrame:
+    """The entries of an md5sum-format file (`<md5>  <path>` per line): columns md5, path."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, sep=r"\s+", header=None, names=["md5", "path"], dtype=str,
+                            engine="c", skip_blank_lines=True, na_filter=False)
+    except FileNotFoundError:
+        raise ShardError(f"{path}: images fingerprint not found (params "
+                         "data.images_fingerprint; see README, Using the real GLDv2)") from None
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame({"md5": [], "path": []}, dtype=str)
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ShardError(f"{path}: not an md5sum-format file (`<md5>  <path>` per line): "
+                         f"{str(err).strip()}") from None
+    frame["path"] = frame["path"].str.removeprefix("*")  # md5sum's binary-mode marker
+    bad = ~frame["md5"].str.fullmatch(_MD5.pattern) | (frame["path"] == "")
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise ShardError(f"{path}: entry {row + 1} is not `<md5>  <path>`: "
+                         f"{frame['md5'].iloc[row]!r} {frame['path'].iloc[row]!r}")
+    return frame
+
+
+def image_digests(tasks: list[ShardTask], fingerprints: pd.DataFrame) -> tuple[list[str], int]:
+    """Per task, a digest of the fingerprint entries that cover its images; vectorized.
+
+    An image is covered by its own entry where the file has one, and by every entry that is
+    no single image's (e.g. GLDv2's per-archive md5 lines) of its split. Returns the digests
+    and the number of planned images that no entry covers (a change to them goes unnoticed).
+    """
+    fingerprints = fingerprints.astype({"md5": str, "path": str})
+    parts = fingerprints["path"].str.extract(_IMAGE_ENTRY)
+    single = parts[0].notna().to_numpy()
+    per_image = pd.Series(fingerprints["md5"].to_numpy()[single].astype(str),
+                          index=(parts[0] + "/" + parts[1]).to_numpy()[single].astype(str))
+    per_image = per_image[~per_image.index.duplicated(keep="last")]
+    others = fingerprints[~single]
+    split_digest = {}
+    for split in gldv2.SPLITS:
+        mine = others[others["path"].str.startswith(f"{split}/")
+                      | ~others["path"].str.contains("/", regex=False)]
+        lines = sorted(mine["md5"].str.lower() + "  " + mine["path"])
+        split_digest[split] = (hashlib.sha256("\n".join(lines).encode()).hexdigest()
+                               if lines else "")
+    if not tasks:
+        return [], 0
+    rows = pd.concat([t.rows[["split", "id"]] for t in tasks], ignore_index=True)
+    keys = rows["split"].astype(str) + "/" + rows["id"].astype(str)
+    md5 = per_image.reindex(keys.to_numpy()).str.lower()
+    covered = md5.notna().to_numpy() | rows["split"].astype(str).map(
+        lambda split: bool(split_digest.get(split))).to_numpy()
+    row_hashes = pd.util.hash_pandas_object(md5.fillna("").reset_index(drop=True),
+                                            index=False).to_numpy()
+    digests, start = [], 0
+    for task in tasks:
+        end = start + len(task.rows)
+        digest = hashlib.sha256(row_hashes[start:end].tobytes())
+        for split in sorted(set(task.rows["split"].astype(str))):
+            digest.update(f"{split}:{split_digest.get(split, '')}".encode())
+        digests.append(digest.hexdigest())
+        start = end
+    return digests, int((~covered).sum())
 
 
 # --------------------------------------------------------------------------- sources
@@ -301,11 +403,39 @@ def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 
 def write_shard(task: ShardTask, out_dir: Path, source, settings: dict) -> dict:
-    """Write one shard atomically; return its info record (also saved beside it)."""
+    """Write one shard atomically; return its info record (also saved beside it).
+
+    A full disk raises DiskFullError after removing this shard's temporary files."""
     folder = group_dir(out_dir, task.group)
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / task.name
     tmp = folder / f".{task.name}.tmp{os.getpid()}"
+    info_tmp = folder / f".{task.name}.info.json.tmp{os.getpid()}"
+    try:
+        return _write_shard(task, folder, tmp, info_tmp, source, settings)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        written = tmp.stat().st_size if tmp.exists() else 0
+        samples = _samples_in(tmp)
+        for path in (tmp, info_tmp):
+            path.unlink(missing_ok=True)
+        free = shutil.disk_usage(folder).free if folder.exists() else 0
+        raise DiskFullError(str(final), free, written, samples) from None
+
+
+def _samples_in(tar_path: Path) -> int:
+    """Complete samples (.jpg + .json pairs) in a partly written tar; 0 when unreadable."""
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            return sum(1 for member in tar if member.name.endswith(".json"))
+    except (OSError, tarfile.TarError):
+        return 0
+
+
+def _write_shard(task: ShardTask, folder: Path, tmp: Path, info_tmp: Path, source,
+                 settings: dict) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / task.name
     bad, resized, samples = [], 0, 0
     ids, splits = task.rows["id"].astype(str).tolist(), task.rows["split"].astype(str).tolist()
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -331,7 +461,6 @@ def write_shard(task: ShardTask, out_dir: Path, source, settings: dict) -> dict:
             "sha256": digest, "reencoded": resized, "bad": bad,
             "fingerprint": task_fingerprint(task, settings)}
     info_path = folder / f"{task.name}.info.json"
-    info_tmp = folder / f".{task.name}.info.json.tmp{os.getpid()}"
     info_tmp.write_text(json.dumps(info, indent=1) + "\n")
     tmp.replace(final)  # the shard first: an info file never describes a missing shard
     info_tmp.replace(info_path)
@@ -372,37 +501,78 @@ def write_all(tasks: list[ShardTask], out_dir: Path, source, settings: dict, wor
               progress: bool = True, stop_after: int | None = None) -> dict[str, dict]:
     """Write every missing shard (in parallel); return the info of every shard by file name.
 
+    A finished shard is kept when its fingerprint matches and it skipped no image; one that
+    skipped missing or corrupt images is written again, so that restored images get in.
     `stop_after` simulates an interruption after that many newly written shards (tests).
     """
     infos: dict[str, dict] = {}
-    todo = []
+    todo, retry = [], 0
     for task in tasks:
         info = finished_info(task, out_dir, settings)
+        if info is not None and info.get("bad"):
+            retry += 1
+            info = None
         if info is None:
             todo.append(task)
         else:
             infos[f"{task.group}/{task.name}"] = info
     if infos:
         log.info("resuming: %d of %d shards are already complete", len(infos), len(tasks))
+    if retry:
+        log.info("writing %d shards again that skipped missing or corrupt images, to retry "
+                 "those images", retry)
     bar = progress_bar(total=sum(len(t.rows) for t in todo), desc="shard", unit="img",
                        disable=not progress)
     if stop_after is not None:
         todo = todo[:stop_after]
-    args = [(task, out_dir, settings) for task in todo]
-    if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(source,)) as pool:
-            for task, info in zip(todo, pool.map(_run_task, args), strict=True):
-                infos[f"{task.group}/{task.name}"] = info
-                bar.update(len(task.rows))
-    else:
-        _init_worker(source)
-        for task, arg in zip(todo, args, strict=True):
-            infos[f"{task.group}/{task.name}"] = _run_task(arg)
+    try:
+        for task, info in _write_tasks(todo, out_dir, source, settings, workers):
+            infos[f"{task.group}/{task.name}"] = info
             bar.update(len(task.rows))
-    bar.close()
+    except DiskFullError as err:
+        remaining = sum(len(t.rows) for t in todo
+                        if f"{t.group}/{t.name}" not in infos)
+        raise ShardError(disk_full_message(err, remaining, infos.values())) from None
+    finally:
+        bar.close()
     if stop_after is not None:
         raise KeyboardInterrupt(f"stopped after {stop_after} shards (simulated interruption)")
     return infos
+
+
+def _write_tasks(todo: list[ShardTask], out_dir: Path, source, settings: dict, workers: int):
+    """(task, info) as each shard is finished; the first error stops the rest."""
+    if workers <= 1 or len(todo) <= 1:
+        _init_worker(source)
+        for task in todo:
+            yield task, _run_task((task, out_dir, settings))
+        return
+    pool = process_pool(workers, initializer=_init_worker, initargs=(source,))
+    try:
+        pending = {pool.submit(_run_task, (task, out_dir, settings)): task for task in todo}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                task = pending.pop(future)
+                yield task, future.result()  # raises the worker's error here
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def disk_full_message(err: DiskFullError, remaining: int, finished) -> str:
+    """One line: the shard, the free space, and about how much the rest needs."""
+    finished = [info for info in finished if info["samples"]]
+    if err.samples:
+        per_image = err.written / err.samples
+    elif finished:
+        per_image = sum(i["bytes"] for i in finished) / sum(i["samples"] for i in finished)
+    else:
+        per_image = None
+    need = (f"; the {remaining} images still to shard need about "
+            f"{human_bytes(per_image * remaining)} (at {human_bytes(per_image)} per image)"
+            if per_image else "")
+    return (f"{err}{need}: free space there or point --out at a bigger disk, then rerun "
+            "(finished shards are kept)")
 
 
 # --------------------------------------------------------------------------- manifests
@@ -538,10 +708,23 @@ def plan_all(prepared_dir: Path, params: ShardParams) -> tuple[list[ShardTask], 
     return tasks, groups_meta, list_groups(training)
 
 
-def settings_of(params: ShardParams) -> dict:
-    """The writer settings a shard's bytes depend on (part of its fingerprint)."""
+def settings_of(params: ShardParams, root: str | Path) -> dict:
+    """What a shard's bytes depend on besides its plan (part of its fingerprint): the writer
+    settings, and where its images are read from."""
     return {"max_side": params.max_side, "resize": params.resize,
-            "jpeg_quality": params.jpeg_quality}
+            "jpeg_quality": params.jpeg_quality, "source": params.source,
+            "root": os.path.normpath(str(root))}
+
+
+def with_image_digests(tasks: list[ShardTask], fingerprint_path: Path) -> list[ShardTask]:
+    """The tasks, each with the digest of its images' fingerprint entries."""
+    digests, uncovered = image_digests(tasks, read_image_fingerprints(fingerprint_path))
+    if uncovered:
+        log.warning("%d of %d planned images have no entry in %s: a change to them is not "
+                    "noticed by the shard stage", uncovered, sum(len(t.rows) for t in tasks),
+                    fingerprint_path)
+    return [dataclasses.replace(task, images=digest)
+            for task, digest in zip(tasks, digests, strict=True)]
 
 
 def make_source(params: Params, out_dir: Path, tasks: list[ShardTask]):
@@ -560,7 +743,8 @@ def main(params: Params, prepared_dir: Path, out_dir: Path, metrics_path: Path,
     removed = remove_stale(out_dir, tasks)
     if removed:
         log.info("removed %d files the current plan no longer has", removed)
-    settings = settings_of(params.shard)
+    tasks = with_image_digests(tasks, Path(params.data.images_fingerprint))
+    settings = settings_of(params.shard, params.data.root)
     log.info("%d shards in %d groups from %s (source: %s)", len(tasks), len(groups_meta),
              params.data.root, params.shard.source)
     source = make_source(params, out_dir, tasks)

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 from glr.gldv2 import Layout, image_relpath
 from glr.params import SynthParams
 from glr.progress import progress_bar
+from glr.workers import process_pool
 
 log = logging.getLogger(__name__)
 
@@ -581,7 +581,7 @@ def generate(params: SynthParams, out: Path, workers: int | None = None,
                        disable=not progress)
     checksums: list[str] = []
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with process_pool(workers) as pool:
             for lines in pool.map(_render_group, tasks, chunksize=4):
                 checksums += lines
                 bar.update(len(lines))

@@ -297,23 +297,32 @@ def try_resume(path: Path, fingerprint: str, model, optimizer, scheduler, scaler
 
 
 class History:
-    """Per-epoch values as a TSV for `dvc plots` (rank 0 only); kept in checkpoints too."""
+    """Per-epoch values as a TSV for `dvc plots` (rank 0 only); kept in checkpoints too.
+
+    Rows keep their values as numbers (JSON round-trips a float exactly), so that a run resumed
+    from a checkpoint writes the same config.json and TSV bytes as an uninterrupted one; only
+    the TSV formats them.
+    """
 
     def __init__(self, path: Path, rows: list[dict]):
         self.path = path
-        self.rows = list(rows)
+        self.rows = [dict(row) for row in rows]
 
     def add(self, row: dict) -> None:
-        self.rows.append({k: (f"{v:.6g}" if isinstance(v, float) else str(v))
-                          for k, v in row.items()})
+        self.rows.append(dict(row))
         self.write()
+
+    @staticmethod
+    def cell(value: object) -> str:
+        return f"{value:.6g}" if isinstance(value, float) else str(value)
 
     def write(self) -> None:
         if not self.rows:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         header = list(self.rows[0])
-        lines = ["\t".join(header)] + ["\t".join(r[h] for h in header) for r in self.rows]
+        lines = ["\t".join(header)]
+        lines += ["\t".join(self.cell(r[h]) for h in header) for r in self.rows]
         self.path.write_text("\n".join(lines) + "\n")
 
 
