@@ -1,11 +1,14 @@
 """End to end: `dvc repro` of the whole pipeline on a small mini-GLDv2 in a fresh copy of the
-repository (what `make repro` does on a fresh clone), then the metrics and the DAG."""
+repository (what `make repro` does on a fresh clone), then the metrics, the DAG, and the round
+trip of every artifact through a DVC remote into a fresh clone."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -57,8 +60,15 @@ def _dvc(*args: str, cwd: Path) -> str:
     return result.stdout
 
 
-def test_dvc_repro_runs_every_stage_and_writes_metrics(fresh_repo):
+@pytest.fixture(scope="module")
+def reproduced_repo(fresh_repo) -> Path:
+    """`fresh_repo` after one `dvc repro` of the whole pipeline (run once per module)."""
     _dvc("repro", cwd=fresh_repo)
+    return fresh_repo
+
+
+def test_dvc_repro_runs_every_stage_and_writes_metrics(reproduced_repo):
+    fresh_repo = reproduced_repo
     truth = json.loads((fresh_repo / "data/mini-gldv2/synth_truth.json").read_text())
     shown = json.loads(_dvc("metrics", "show", "--json", cwd=fresh_repo))
     metrics = next(iter(shown.values()))["data"]["metrics/prepare.json"]["data"]
@@ -96,3 +106,95 @@ def test_dvc_dag_shows_the_stages(fresh_repo):
                   "train@resnet18-phase1", "extract@resnet18", "retrieve", "evaluate",
                   "visualize"):
         assert stage in dag
+
+
+def _commit(repo: Path, message: str) -> None:
+    _git("add", "-A", cwd=repo)
+    _git("-c", "user.name=test", "-c", "user.email=test@example.org", "commit", "-q",
+         "--allow-empty", "-m", message, cwd=repo)
+
+
+def _sha256s(repo: Path, outs: list[str]) -> dict[str, str]:
+    """sha256 of every file of the given outputs (files or directories), keyed by path."""
+    digests = {}
+    for out in outs:
+        path = repo / out
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                digests[file.relative_to(repo).as_posix()] = hashlib.sha256(
+                    file.read_bytes()).hexdigest()
+    return digests
+
+
+def test_artifacts_survive_a_dvc_remote(reproduced_repo, tmp_path):
+    """Push every output of the finished pipeline to a local DVC remote, clone the git repo,
+    pull: the clone is up to date, with byte-identical outputs and identical metrics."""
+    origin = reproduced_repo
+    _commit(origin, "dvc repro")
+    assert _git("status", "--porcelain", cwd=origin) == ""
+    assert json.loads(_dvc("data", "status", "--json", cwd=origin)) == {}
+    lock = yaml.safe_load((origin / "dvc.lock").read_text())
+    outs = {out["path"]: out for stage in lock["stages"].values() for out in stage["outs"]}
+    # `cache: false` outputs (the metrics and plots, all under metrics/) are not DVC's to push:
+    # git carries them. `persist: true` ones (the shards) are cached like any other output:
+    # persist only stops `dvc repro` from deleting them before their stage runs.
+    uncached = sorted(path for path in outs if path.startswith("metrics/"))
+    cached = sorted(path for path in outs if path not in uncached)
+    assert "metrics/evaluate.json" in uncached
+    assert {"data/shards/train", "data/shards/eval", "data/features/resnet18",
+            "models/resnet18/p2"} <= set(cached)
+    assert _git("ls-files", *uncached, cwd=origin).split() == uncached
+
+    # The remote goes into the committed .dvc/config, so that every clone sees it.
+    remote = tmp_path / "remote"
+    _dvc("remote", "add", "-d", "storage", str(remote), cwd=origin)
+    _commit(origin, "DVC remote")
+    before = json.loads(_dvc("data", "status", "--not-in-remote", "--json", cwd=origin))
+    assert sorted(path.rstrip("/") for path in before["not_in_remote"]) == cached
+    _dvc("push", cwd=origin)
+    assert json.loads(_dvc("data", "status", "--not-in-remote", "--json", cwd=origin)) == {}
+    assert json.loads(_dvc("status", "--cloud", "--json", cwd=origin)) == {}
+    for path, out in outs.items():  # DVC 3 remote layout: files/md5/<2 chars>/<rest>
+        stored = (remote / "files" / "md5" / out["md5"][:2] / out["md5"][2:]).is_file()
+        assert stored == (path in cached), path
+
+    clone = tmp_path / "clone"
+    _git("clone", "-q", str(origin), str(clone), cwd=tmp_path)
+    assert _dvc("remote", "list", cwd=clone).split()[:2] == ["storage", str(remote)]
+    assert _dvc("config", "core.remote", cwd=clone).strip() == "storage"
+    assert not any((clone / path).exists() for path in cached)
+    assert all((clone / path).is_file() for path in uncached)
+    _dvc("pull", cwd=clone)
+
+    assert json.loads(_dvc("status", "--json", cwd=clone)) == {}
+    assert _dvc("status", cwd=clone).strip().endswith("up to date.")
+    assert json.loads(_dvc("status", "--cloud", "--json", cwd=clone)) == {}
+    assert json.loads(_dvc("data", "status", "--json", cwd=clone)) == {}
+    assert _git("status", "--porcelain", cwd=clone) == ""
+    # Byte for byte: every file of every output, the counts checked against dvc.lock.
+    pulled, original = _sha256s(clone, list(outs)), _sha256s(origin, list(outs))
+    assert pulled == original
+    for path, out in outs.items():
+        if "nfiles" in out:
+            assert sum(name.startswith(path + "/") for name in pulled) == out["nfiles"], path
+    shards = sorted(name for name in pulled if name.endswith(".tar"))
+    assert any(name.startswith("data/shards/train/") for name in shards)
+    assert any(name.startswith("data/shards/eval/") for name in shards)
+    for name in ("data/features/resnet18/ref.npy", "data/features/resnet18/query.npy",
+                 "models/resnet18/p2/model.safetensors", "data/retrieval/submission.csv",
+                 shards[0], shards[-1]):
+        assert name in pulled and pulled[name] == original[name], name
+    # cache.type = reflink,hardlink,symlink: a hardlinked output is the cache object itself,
+    # so it must be read-only (an edit in place would corrupt the cache).
+    ref = clone / "data/features/resnet18/ref.npy"
+    if not ref.is_symlink() and ref.stat().st_nlink > 1:
+        digest = hashlib.md5(ref.read_bytes()).hexdigest()
+        assert ref.samefile(clone / ".dvc/cache/files/md5" / digest[:2] / digest[2:])
+        assert stat.S_IMODE(ref.stat().st_mode) & 0o222 == 0
+
+    metrics = sorted(path.name for path in (origin / "metrics").glob("*.json"))
+    assert {"prepare.json", "shard.json", "evaluate.json"} <= set(metrics)
+    for name in metrics:
+        assert (clone / "metrics" / name).read_bytes() == (origin / "metrics" / name).read_bytes()
+    assert (json.loads(_dvc("metrics", "show", "--json", cwd=clone))
+            == json.loads(_dvc("metrics", "show", "--json", cwd=origin)))
