@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from glr.model.table import BACKBONES
 from glr.params import Params, ParamsError, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,3 +69,149 @@ def test_file_errors_name_the_file(tmp_path):
     bad.write_text("synth: [\n")
     with pytest.raises(ParamsError, match=r"bad\.yaml: not valid YAML"):
         load_params(bad)
+
+
+# --------------------------------------------------------------------------- between fields
+
+
+def phase(**changes) -> dict:
+    return {"index": 0, "name": "p1", "init": "pretrained", **changes}
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"train": {"phases": [phase(sampler="id_uniform", batch=30, instances=4)]}},
+     r"train\.phases\[0\]\.batch: 30 is not a multiple of train\.phases\[0\]\.instances \(4\)"),
+    ({"retrieve": {"weights": [1.0, 0.5]}},
+     r"retrieve\.weights: 2 value\(s\) for 1 backbone\(s\) in model\.backbones \(resnet18\)"),
+    ({"model": {"backbones": ["resnet18", "resnet34"]}, "retrieve": {"weights": [1.0]}},
+     r"retrieve\.weights: 1 value\(s\) for 2 backbone\(s\)"),
+    ({"extract": {"phase": "p3"}},
+     r"extract\.phase: 'p3' is not a phase of train\.phases; phases: p1, p2"),
+    ({"train": {"phases": [phase(backbone_sizes=["resnest269e=448"])]}},
+     r"train\.phases\[0\]\.backbone_sizes: 'resnest269e=448' names resnest269e, which is not "
+     r"in model\.backbones \(resnet18\)"),
+    ({"train": {"phases": [phase(backbone_sizes=["resnet18=256", "resnet18=128"])]}},
+     r"train\.phases\[0\]\.backbone_sizes: resnet18 is given twice"),
+    ({"train": {"phases": [phase(backbone_sizes=["resnet18=640"])]}},
+     r"train\.phases\[0\]\.backbone_sizes: 'resnet18=640' is above shard\.max_side: .* 512 px"),
+    ({"train": {"phases": [phase(size=640)]}},
+     r"train\.phases\[0\]\.size: 640 is above shard\.max_side: .*raise shard\.max_side"),
+    ({"model": {"size": 600}}, r"model\.size: 600 is above shard\.max_side: .* 512 px"),
+    ({"shard": {"max_side": 96}}, r"model\.size: 112 is above shard\.max_side: .* 96 px"),
+    ({"train": {"phases": [phase(name="a/b")]}}, r"train\.phases\[0\]\.name: 'a/b' is not a "
+                                                  r"folder name"),
+    ({"model": {"backbones": ["seresnet101_ibn_a"], "pretrained": True}},
+     r"model\.pretrained: timm has no ImageNet weights for seresnet101 \(model\.backbones\[0\] = "
+     r"seresnet101_ibn_a\); set model\.weights_dir .*se_resnet101_ibn_a-fabed4e2\.pth"),
+], ids=["id_uniform-batch", "weights-too-many", "weights-too-few", "extract-phase",
+        "size-override-unlisted", "size-override-twice", "size-override-max-side",
+        "phase-size-max-side", "model-size-max-side", "shard-max-side", "phase-name",
+        "pretrained-ibn"])
+def test_constraints_between_fields_name_the_key(raw, message):
+    with pytest.raises(ParamsError, match=message):
+        parse_params(raw)
+
+
+@pytest.mark.parametrize("raw", [
+    {"train": {"phases": [phase(sampler="id_uniform", batch=32, instances=4)]}},
+    {"train": {"phases": [phase(sampler="softmax", batch=30, instances=4)]}},
+    {"model": {"backbones": ["resnet18", "resnet34"]}, "retrieve": {"weights": [1.0, 0.5]}},
+    {"extract": {"phase": "p1"}},
+    {"model": {"backbones": ["resnet18", "resnet34"]},
+     "train": {"phases": [phase(size=640, backbone_sizes=["resnet18=256", "resnet34=512"])]}},
+    {"model": {"size": 600}, "shard": {"max_side": 600}},
+    {"model": {"backbones": ["seresnet101_ibn_a"], "pretrained": True, "weights_dir": "w"}},
+], ids=["id_uniform-multiple", "softmax-any-batch", "weights-per-backbone", "extract-phase",
+        "phase-size-overridden-for-all", "max-side-raised", "ibn-with-weights-dir"])
+def test_consistent_params_load(raw):
+    parse_params(raw)
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_recipes_load(recipe):
+    load_params(recipe)
+
+
+def test_a_file_error_names_the_file_and_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("retrieve: {weights: [1, 2, 3]}\n")
+    with pytest.raises(ParamsError, match=r"bad\.yaml: retrieve\.weights: 3 value\(s\)"):
+        load_params(bad)
+
+
+def test_loading_the_usual_params_imports_neither_timm_nor_torch():
+    """Checking the table's backbone names is free: every stage loads params first."""
+    code = ("import sys; from glr.params import load_params; "
+            "[load_params(p) for p in sys.argv[1:]]; "
+            "print(sorted(m for m in ('timm', 'torch') if m in sys.modules))")
+    files = [REPO / "params.yaml", *sorted((REPO / "recipes").glob("*.yaml"))]
+    result = subprocess.run([sys.executable, "-c", code, *map(str, files)], check=True,
+                            capture_output=True, text=True)
+    assert result.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- backbone names
+
+
+@pytest.mark.parametrize(("names", "message"), [
+    (["resnet18", "resnet5O"], r"model\.backbones\[1\]: unknown backbone 'resnet5O', neither in "
+                               r"glr's table nor a timm model of a ResNet family .*; close "
+                               r"matches: resnet50\b"),
+    (["seresnet101_ibn"], r"model\.backbones\[0\]: unknown backbone .*close matches: "
+                          r"seresnet101_ibn_a\b"),
+    (["vit_base_patch16_224"], r"model\.backbones\[0\]: 'vit_base_patch16_224' is a timm model of "
+                               r"timm\.models\.vision_transformer, not of a ResNet family"),
+    (["res2net50_26w_4s"], r"model\.backbones\[0\]: 'res2net50_26w_4s' is a timm model of "
+                           r"timm\.models\.res2net"),
+])
+def test_bad_backbone_names_the_key(names, message):
+    with pytest.raises(ParamsError, match=message):
+        parse_params({"model": {"backbones": names}})
+
+
+def test_timm_resnet_family_names_are_backbones():
+    params = parse_params({"model": {"backbones": ["resnet18", "resnest14d", "resnet26d",
+                                                   "resnet50.a1_in1k"]}})
+    assert params.model.backbones[1] == "resnest14d"
+
+
+def test_timm_name_without_timm_weights_needs_a_file_when_pretrained():
+    with pytest.raises(ParamsError, match=r"model\.pretrained: timm has no ImageNet weights for "
+                                          r"seresnet18 \(model\.backbones\[0\] = seresnet18\)"):
+        parse_params({"model": {"backbones": ["seresnet18"], "pretrained": True}})
+    parse_params({"model": {"backbones": ["resnet26d"], "pretrained": True}})
+
+
+def test_backbone_table_agrees_with_timm():
+    from timm.models import is_model_pretrained
+
+    from glr.model.backbones import RESNET_FAMILIES, timm_family
+
+    for name, spec in BACKBONES.items():
+        assert timm_family(spec.timm_name) in RESNET_FAMILIES, name
+        assert spec.timm_weights == is_model_pretrained(spec.timm_name), name
+
+
+@pytest.mark.parametrize("name", ["resnet18d", "resnest14d", "ecaresnet26t", "resnet26d.bt_in1k"])
+def test_a_timm_name_params_accept_builds(name):
+    """Names outside the table build as timm builds them, last stride 1 included (ECA's
+    Conv1d attention, stride (1,), is not mistaken for downsampling)."""
+    import torch
+
+    from glr.model import build_model, create_backbone
+
+    parse_params({"model": {"backbones": [name]}})
+    backbone, channels = create_backbone(name)
+    with torch.no_grad():
+        features = backbone.eval()(torch.randn(1, 3, 64, 64))
+    assert features.shape == (1, channels, 4, 4)
+    assert build_model(name, 5, embedding_dim=8).config["backbone"] == name
+
+
+def test_create_backbone_refuses_other_families():
+    from glr.model import create_backbone
+
+    with pytest.raises(ValueError, match=r"timm\.models\.res2net, not of a ResNet family"):
+        create_backbone("res2net50_26w_4s")
+    with pytest.raises(ValueError, match=r"close matches: resnet50\b"):
+        create_backbone("resnet5O")

@@ -8,9 +8,12 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -171,6 +174,72 @@ def test_torchrun_two_processes_on_cpu(small_pipeline, shard_dir, tmp_path):
     _, config = train.load_model(tmp_path / "models/resnet10t/p1")
     assert config["world_size"] == 2 and config["effective_batch"] == 16
     assert len((tmp_path / "metrics/resnet10t/p1.tsv").read_text().splitlines()) == 4
+
+
+def _processes_mentioning(text: str) -> dict[int, dict[str, str]]:
+    """pid -> environment of every live process whose command line contains `text`."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if text not in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                continue
+            if "zombie" in (proc / "status").read_text():
+                continue
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        found[int(proc.name)] = dict(item.decode(errors="replace").partition("=")[::2]
+                                     for item in environ if item)
+    return found
+
+
+def test_a_dead_rank_under_torchrun_stops_the_run_and_a_rerun_resumes(small_pipeline,
+                                                                      shard_dir, tmp_path):
+    """kill -9 of one rank: torchrun stops the other rank and fails, no process is left
+    behind, and the rerun resumes from the last checkpoint."""
+    params = tiny_params(small_pipeline[0], processes=2)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(dataclasses.asdict(params), sort_keys=False))
+    train.init_main(params, "resnet10t", tmp_path / "models")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    command = [sys.executable, "-m", "glr", "train", "--params", str(params_file),
+               "--backbone", "resnet10t", "--phase", "p1", "--shards", str(shard_dir),
+               "--models", str(tmp_path / "models"), "--runs", str(tmp_path / "runs"),
+               "--metrics", str(tmp_path / "metrics")]
+    log_path = tmp_path / "run.log"
+    with log_path.open("w") as log_file:
+        run = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                               start_new_session=True)
+    try:
+        checkpoint = tmp_path / "runs/resnet10t/p1/checkpoint.pt"
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert checkpoint.exists(), log_path.read_text()[-3000:]
+        ranks = {env.get("LOCAL_RANK"): pid
+                 for pid, env in _processes_mentioning(str(tmp_path / "runs")).items()}
+        assert {"0", "1"} <= set(ranks), ranks
+        os.kill(ranks["1"], signal.SIGKILL)
+        returncode = run.wait(timeout=180)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    output = log_path.read_text()
+    assert returncode != 0
+    assert "Signal 9 (SIGKILL)" in output or "exitcode  : -9" in output, output[-3000:]
+    deadline = time.monotonic() + 30
+    while _processes_mentioning(str(tmp_path / "runs")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_mentioning(str(tmp_path / "runs")), "a rank outlived the run"
+    assert not (tmp_path / "models/resnet10t/p1").exists()
+
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"resuming resnet10t/p1 from .* after epoch [12]", result.stderr)
+    _, config = train.load_model(tmp_path / "models/resnet10t/p1")
+    assert config["final"]["epoch"] == 3 and config["world_size"] == 2
 
 
 # --------------------------------------------------------------------------- recipes

@@ -3,13 +3,20 @@
 Every section is a frozen dataclass. `load_params` walks the YAML mapping against the
 dataclasses and rejects unknown keys, wrong types and out-of-range values with a message that
 names the key (`synth.image_width`) and what is allowed. Constraints live beside each field in
-its `metadata`: `min`/`max` for numbers, `choices` for strings.
+its `metadata`: `min`/`max` for numbers, `choices` for strings; constraints between fields in the
+sections' `validate` methods, and those between sections in `Params.validate`, so that a params
+file the stages cannot run fails when it loads, before any stage has done any work.
+
+Backbone names are checked against `glr.model.table.BACKBONES` (a module without torch or
+timm, so loading params stays fast); timm is imported only to check a name outside the table
+(see `glr.model.backbones.backbone_problem`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +24,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
+
+from glr.model.table import BACKBONES, BackboneSpec
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -151,6 +160,8 @@ class ModelParams:
 ListName = Literal["clean", "c2x", "full", "all"]
 SamplerName = Literal["softmax", "id_uniform", "continent"]
 FIRST_INIT = "pretrained"
+# A phase name is a folder under models/<backbone>/ and a word of `glr train --phase`.
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -174,11 +185,22 @@ class PhaseParams:
         [], help="per-backbone size overrides as 'backbone=size' (ResNeSt269: 448 in phases 1-2)")
 
     def validate(self, prefix: str) -> None:
+        if not FOLDER_NAME.fullmatch(self.name):
+            raise ParamsError(f"{prefix}.name: {self.name!r} is not a folder name (letters, "
+                              "digits, '_', '-', '.'; models/<backbone>/<name>/ holds the phase)")
+        named: list[str] = []
         for entry in self.backbone_sizes:
             name, _, size = entry.partition("=")
             if not name or not size.isdigit() or not 32 <= int(size) <= 2048:
                 raise ParamsError(f"{prefix}.backbone_sizes: {entry!r} is not "
                                   "'backbone=size' with 32 <= size <= 2048")
+            if name in named:
+                raise ParamsError(f"{prefix}.backbone_sizes: {name} is given twice")
+            named.append(name)
+        if self.sampler == "id_uniform" and self.batch % self.instances:
+            raise ParamsError(f"{prefix}.batch: {self.batch} is not a multiple of "
+                              f"{prefix}.instances ({self.instances}); the id_uniform sampler "
+                              "builds batches of P labels x K instances")
 
     def size_for(self, backbone: str, default: int) -> int:
         """The input size of this phase for `backbone`."""
@@ -299,6 +321,75 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     extract: ExtractParams = field(default_factory=ExtractParams)
     retrieve: RetrieveParams = field(default_factory=RetrieveParams)
+
+    def validate(self, prefix: str) -> None:
+        """What the stages assume of each other's params, checked before any of them runs."""
+        _check_backbones(self.model)
+        _check_sizes(self)
+        phases = [phase.name for phase in self.train.phases]
+        if self.extract.phase is not None and self.extract.phase not in phases:
+            raise ParamsError(f"extract.phase: {self.extract.phase!r} is not a phase of "
+                              f"train.phases; phases: {', '.join(phases)}")
+        weights, backbones = self.retrieve.weights, self.model.backbones
+        if weights and len(weights) != len(backbones):
+            raise ParamsError(f"retrieve.weights: {len(weights)} value(s) for {len(backbones)} "
+                              f"backbone(s) in model.backbones ({', '.join(backbones)}); give "
+                              "one weight per backbone, or [] for 1.0 each")
+
+
+def _check_backbones(model: ModelParams) -> None:
+    """Every backbone can be built, and has starting weights when `model.pretrained` asks timm."""
+    outside = [(i, name) for i, name in enumerate(model.backbones) if name not in BACKBONES]
+    if outside:
+        # timm takes seconds to import: only names outside the table pay for it.
+        from glr.model import backbones as timm_backbones
+
+        for i, name in outside:
+            problem = timm_backbones.backbone_problem(name)
+            if problem:
+                raise ParamsError(f"model.backbones[{i}]: {problem}")
+    if not model.pretrained or model.weights_dir:
+        return  # with weights_dir, init takes <backbone>.pth files first: files, not params
+    for i, name in enumerate(model.backbones):
+        spec = BACKBONES.get(name) or BackboneSpec(name)
+        if name in BACKBONES:
+            has_weights = spec.timm_weights
+        else:
+            from glr.model import backbones as timm_backbones
+
+            has_weights = timm_backbones.has_timm_weights(name)
+        if not has_weights:
+            release = (f" (the IBN-Net release {spec.ibn_net_checkpoint})"
+                       if spec.ibn_net_checkpoint else "")
+            raise ParamsError(f"model.pretrained: timm has no ImageNet weights for "
+                              f"{spec.timm_name} (model.backbones[{i}] = {name}); set "
+                              f"model.weights_dir to a folder holding {name}.pth{release}, or "
+                              "model.pretrained to false")
+
+
+def _check_sizes(params: Params) -> None:
+    """Training and extraction sizes fit in the shards' images (shard.max_side), and per-backbone
+    sizes name backbones of model.backbones."""
+    max_side = params.shard.max_side
+    advice = (f"the shards keep at most shard.max_side = {max_side} px; raise shard.max_side "
+              "(and rerun the shard stage) or lower the size")
+    if params.model.size > max_side:
+        raise ParamsError(f"model.size: {params.model.size} is above shard.max_side: {advice}")
+    backbones = params.model.backbones
+    for position, phase in enumerate(params.train.phases):
+        key = f"train.phases[{position}]"
+        for entry in phase.backbone_sizes:
+            name, _, size = entry.partition("=")
+            if name not in backbones:
+                raise ParamsError(f"{key}.backbone_sizes: {entry!r} names {name}, which is not "
+                                  f"in model.backbones ({', '.join(backbones)})")
+            if int(size) > max_side:
+                raise ParamsError(f"{key}.backbone_sizes: {entry!r} is above shard.max_side: "
+                                  f"{advice}")
+        overridden = {entry.partition("=")[0] for entry in phase.backbone_sizes}
+        uses_phase_size = any(backbone not in overridden for backbone in backbones)
+        if phase.size is not None and phase.size > max_side and uses_phase_size:
+            raise ParamsError(f"{key}.size: {phase.size} is above shard.max_side: {advice}")
 
 
 # --------------------------------------------------------------------------- validation

@@ -678,6 +678,10 @@ def plan_all(prepared_dir: Path, params: ShardParams) -> tuple[list[ShardTask], 
     from glr.prepare import read_list  # the stage reads prepare's artifacts
 
     prepared_dir = Path(prepared_dir)
+    for name in ("clean", "all", "val_queries", "eval_index"):
+        if not (prepared_dir / f"{name}.parquet").is_file():
+            raise ShardError(f"{prepared_dir / name}.parquet: not found; run `glr prepare` "
+                             "first (dvc repro prepare) or pass --prepared")
     # clean labels are 0..n-1, the rows of train_clean.csv
     num_clean = int(pd.read_parquet(prepared_dir / "clean.parquet", columns=["label"])
                     ["label"].max()) + 1

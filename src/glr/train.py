@@ -38,7 +38,7 @@ from glr import shards
 from glr.data import TrainStream, TrainTransform, normalize
 from glr.data.samplers import continent_group_probs
 from glr.model import build_model, load_phase_weights, model_from_config, param_groups
-from glr.params import FIRST_INIT, ModelParams, Params, PhaseParams
+from glr.params import FIRST_INIT, ModelParams, Params, ParamsError, PhaseParams
 from glr.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -82,16 +82,25 @@ def _model_kwargs(params: ModelParams) -> dict:
 
 
 def init_main(params: Params, backbone: str, models_dir: Path) -> Path:
-    """Write the starting weights of `backbone` to models/<backbone>/pretrained/."""
+    """Write the starting weights of `backbone` to models/<backbone>/pretrained/.
+
+    Raises ParamsError (one line from `glr`, exit status 2) for a backbone outside
+    model.backbones, a missing weights file, or timm weights that cannot be fetched.
+    """
+    if backbone not in params.model.backbones:
+        raise ParamsError(f"--backbone {backbone}: not in params model.backbones "
+                          f"({', '.join(params.model.backbones)})")
     torch.manual_seed(params.train.seed)
     weights = None
     if params.model.weights_dir:
         weights = Path(params.model.weights_dir) / f"{backbone}.pth"
         if not weights.is_file():
             if not params.model.pretrained:
-                raise FileNotFoundError(f"{weights}: no weights for backbone {backbone} "
-                                        "(params model.weights_dir; model.pretrained is "
-                                        "false, so there is no fallback to timm)")
+                raise ParamsError(f"model.weights_dir: no file {weights} for backbone "
+                                  f"{backbone} (model.pretrained is false, so there is no "
+                                  "fallback to timm's weights)")
+            log.info("%s: no %s; taking timm's ImageNet weights (model.pretrained)", backbone,
+                     weights)
             weights = None  # this backbone falls back to timm's weights
     model = build_model(backbone, 1, pretrained=params.model.pretrained and weights is None,
                         pretrained_path=str(weights) if weights else None,
@@ -442,8 +451,8 @@ def main(params: Params, backbone: str, phase_name: str, shard_dir: Path, models
     if env.device.type == "cpu" and env.world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world))
     if backbone not in params.model.backbones:
-        raise ValueError(f"backbone {backbone!r} is not in params model.backbones "
-                         f"({', '.join(params.model.backbones)})")
+        raise ParamsError(f"--backbone {backbone}: not in params model.backbones "
+                          f"({', '.join(params.model.backbones)})")
     plan = plan_phase(params, backbone, phase_name, shard_dir, models_dir, runs_dir, env.world)
     if env.main:
         log.info("%s/%s: list %s (%d images, %d classes), %s sampler, size %d, %d epochs × "

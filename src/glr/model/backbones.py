@@ -1,10 +1,20 @@
-"""timm backbones with IBN-a conversion, last stride 1 and local pretrained weights."""
+"""timm backbones with IBN-a conversion, last stride 1 and local pretrained weights.
+
+A backbone name is either a name of glr's table (`glr.model.table.BACKBONES`: the IBN-a conversions
+and the recipes' backbones) or any timm model of a ResNet family (`RESNET_FAMILIES`), built as
+timm builds it (`BackboneSpec(name)`): the model code needs timm's ResNet layout, stages
+`layer1`..`layer4` of blocks whose first norm is `bn1`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import importlib
+import logging
 import re
+import urllib.error
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -14,37 +24,57 @@ from timm.models import is_model_pretrained
 from torch import nn
 
 from glr.model.layers import IBN
+from glr.model.table import BACKBONES, BackboneSpec
+from glr.params import ParamsError
+
+# timm modules whose models have the ResNet layout (stem, layer1..layer4 of blocks with `bn1`)
+# that IBN-a conversion and last stride 1 work on. Others (res2net, whose stride-1 blocks keep
+# a 3x3 average pool; resnetv2, regnet, ... without layer1..layer4) are refused.
+RESNET_FAMILIES = ("timm.models.resnet", "timm.models.resnest")
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    """How to build one backbone: the timm architecture and whether to convert it to IBN-a."""
-
-    timm_name: str
-    ibn_a: bool = False
-    # Release file of the IBN-Net ImageNet weights for this architecture, for `pretrained_path`.
-    ibn_net_checkpoint: str | None = None
+def timm_family(name: str) -> str | None:
+    """The module of timm's entrypoint for `name` (a pretrained tag is allowed), or None when
+    timm has no such model."""
+    if not timm.is_model(name):
+        return None
+    return timm.models.model_entrypoint(name).__module__
 
 
-BACKBONES: dict[str, BackboneSpec] = {
-    # Small models for the CPU demo and tests.
-    "resnet10t": BackboneSpec("resnet10t"),
-    "resnet18": BackboneSpec("resnet18"),
-    "resnet34": BackboneSpec("resnet34"),
-    "resnet18_ibn_a": BackboneSpec("resnet18", ibn_a=True,
-                                   ibn_net_checkpoint="resnet18_ibn_a-2f571257.pth"),
-    # Quick recipe.
-    "resnet50": BackboneSpec("resnet50"),
-    "resnet50_ibn_a": BackboneSpec("resnet50", ibn_a=True,
-                                   ibn_net_checkpoint="resnet50_ibn_a-d9d0bb7b.pth"),
-    # The solution's ensemble.
-    "resnest101e": BackboneSpec("resnest101e"),
-    "resnest269e": BackboneSpec("resnest269e"),
-    "seresnet101_ibn_a": BackboneSpec("seresnet101", ibn_a=True,
-                                      ibn_net_checkpoint="se_resnet101_ibn_a-fabed4e2.pth"),
-    "resnext101_32x4d_ibn_a": BackboneSpec("resnext101_32x4d", ibn_a=True,
-                                           ibn_net_checkpoint="resnext101_ibn_a-6ace051d.pth"),
-}
+def backbone_problem(name: str) -> str | None:
+    """Why `name` is not a backbone glr can build (None when it is), naming close matches."""
+    if name in BACKBONES:
+        return None
+    family = timm_family(name)
+    if family in RESNET_FAMILIES:
+        return None
+    table = ", ".join(BACKBONES)
+    if family is not None:
+        return (f"{name!r} is a timm model of {family}, not of a ResNet family: glr needs "
+                f"stages layer1..layer4 ({', '.join(RESNET_FAMILIES)}); glr's table: {table}")
+    families = [module.rsplit(".", 1)[1] for module in RESNET_FAMILIES]
+    candidates = list(dict.fromkeys([*BACKBONES, *timm.list_models(module=families)]))
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+    hint = f"close matches: {', '.join(close)}" if close else f"glr's table: {table}"
+    return (f"unknown backbone {name!r}, neither in glr's table nor a timm model of a ResNet "
+            f"family ({', '.join(RESNET_FAMILIES)}); {hint}")
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    """How to build backbone `name`: its table entry, or the timm ResNet-family model as is.
+
+    Raises ValueError saying why when `name` is neither (see `backbone_problem`).
+    """
+    problem = backbone_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
+    return BACKBONES.get(name) or BackboneSpec(name)
+
+
+def has_timm_weights(timm_name: str) -> bool:
+    """Whether timm has ImageNet weights for `timm_name` (no network involved)."""
+    return is_model_pretrained(timm_name)
+
 
 IBN_STAGES = ("layer1", "layer2", "layer3")
 # Pooling layers that downsample inside a residual block; at stride 1 timm builds nn.Identity.
@@ -105,17 +135,22 @@ def set_last_stride_1(model: nn.Module) -> nn.Module:
             continue
         if isinstance(module, nn.Conv2d) and module.stride != (1, 1):
             module.stride = (1, 1)
-        elif isinstance(module, DOWNSAMPLING_POOLS) and _pool_stride(module) != 1:
+        elif isinstance(module, DOWNSAMPLING_POOLS) and _largest_stride(module) != 1:
             _replace_submodule(first_block, name, nn.Identity())
-        elif getattr(module, "stride", 1) not in (1, (1, 1)):
+        elif _largest_stride(module) > 1:
             raise TypeError(f"layer4.0.{name} ({type(module).__name__}) downsamples and is not "
                             "handled by set_last_stride_1")
     return model
 
 
-def _pool_stride(pool: nn.Module) -> int:
-    """The stride of a pooling layer as one int (the largest, if given per axis)."""
-    stride = pool.stride
+def _largest_stride(module: nn.Module) -> int:
+    """A module's stride as one int (the largest, if given per axis; 1 if it has none).
+
+    Per axis covers 1-D layers too: the ECA attention's Conv1d reports stride (1,).
+    """
+    stride = getattr(module, "stride", None)
+    if stride is None:
+        return 1
     return stride if isinstance(stride, int) else max(stride)
 
 
@@ -126,31 +161,144 @@ def _replace_submodule(root: nn.Module, dotted_name: str, replacement: nn.Module
     setattr(parent, child_name, replacement)
 
 
+class PretrainedWeightsError(ParamsError):
+    """timm's ImageNet weights can be neither fetched nor found; the message says how to supply
+    them (a ParamsError: `glr` reports it as one line, exit status 2)."""
+
+
 def create_backbone(name: str, pretrained: bool = False,
                     pretrained_path: str | Path | None = None) -> tuple[nn.Module, int]:
     """A timm feature extractor (no pooling, no classifier) and its number of output channels.
 
+    `name` is a name of glr's table or a timm ResNet-family model (see `backbone_spec`).
     IBN-a conversion (for the `*_ibn_a` names) and last stride 1 are applied. `pretrained=True`
     takes timm's ImageNet weights (for IBN names: those of the plain architecture, converted);
     `pretrained_path` instead loads a local file after conversion (see `load_backbone_weights`),
-    e.g. the IBN-Net release checkpoints, and then timm's weights are not fetched.
+    e.g. the IBN-Net release checkpoints, and then timm's weights are not fetched. Weights that
+    cannot be fetched raise PretrainedWeightsError at once (see `check_timm_weights`).
     """
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; supported: {', '.join(sorted(BACKBONES))}")
-    spec = BACKBONES[name]
-    use_timm_weights = pretrained and pretrained_path is None
-    if use_timm_weights and not is_model_pretrained(spec.timm_name):
-        hint = f" (IBN-Net release: {spec.ibn_net_checkpoint})" if spec.ibn_net_checkpoint else ""
-        raise ValueError(f"timm has no ImageNet weights for {spec.timm_name}; "
-                         f"pass pretrained_path{hint}")
-    model = timm.create_model(spec.timm_name, pretrained=use_timm_weights,
-                              num_classes=0, global_pool="")
+    spec = backbone_spec(name)
+    if pretrained and pretrained_path is None:
+        model = create_timm_pretrained(name, spec.timm_name)
+    else:
+        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0,
+                                  global_pool="")
     if spec.ibn_a:
         convert_ibn_a(model)
     set_last_stride_1(model)
     if pretrained_path is not None:
         load_backbone_weights(model, pretrained_path)
     return model, model.num_features
+
+
+# --------------------------------------------------------------------------- timm's weights
+
+
+def create_timm_pretrained(backbone: str, timm_name: str) -> nn.Module:
+    """timm's model `timm_name` with its ImageNet weights, for glr backbone `backbone`.
+
+    Fails in seconds, with one line naming the ways to supply the weights, when they are not in
+    the Hugging Face cache and cannot be fetched: without a network, the hub would otherwise
+    retry each file five times (about a minute) before timm's 50-line traceback.
+    """
+    if not has_timm_weights(timm_name):
+        release = BACKBONES[backbone].ibn_net_checkpoint if backbone in BACKBONES else None
+        hint = f" (IBN-Net release: {release})" if release else ""
+        raise PretrainedWeightsError(
+            f"timm has no ImageNet weights for {timm_name} (backbone {backbone}); give a weights "
+            f"file instead: {backbone}.pth in params model.weights_dir{hint}")
+    log_hub_through_root()
+    source = check_timm_weights(backbone, timm_name)
+    try:
+        return timm.create_model(timm_name, pretrained=True, num_classes=0, global_pool="")
+    except _network_errors() as err:
+        raise _weights_error(backbone, timm_name, source, _one_line(err)) from err
+
+
+def check_timm_weights(backbone: str, timm_name: str) -> str:
+    """Check, before timm loads them, that timm's weights for `timm_name` are in the Hugging Face
+    cache or that the hub can be reached; returns where they come from (for messages).
+
+    Reaching the hub is tried with one HEAD request without retries: the hub's own retries are
+    meant for a flaky connection and, without any, cost about a minute per file. When that
+    request cannot connect, or when HF_HUB_OFFLINE is set and the cache lacks the file,
+    PretrainedWeightsError is raised at once. Weights timm takes from a plain URL are not
+    checked here (torch.hub fails at once without a network; `create_timm_pretrained` reports it).
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    if cfg is None or not cfg.hf_hub_id:
+        return str(getattr(cfg, "url", None) or "timm's source")
+    repo_id, _, revision = cfg.hf_hub_id.partition("@")
+    source = f"the Hugging Face hub ({cfg.hf_hub_id})"
+    # The files timm looks for: its safetensors alternative first, then the named file.
+    named = cfg.hf_hub_filename or "pytorch_model.bin"
+    safe = ("model.safetensors" if named == "pytorch_model.bin"
+            else re.sub(r"\.(bin|pth)$", ".safetensors", named))
+    files = list(dict.fromkeys([safe, named]))
+    if any(isinstance(try_to_load_from_cache(repo_id, file, revision=revision or None), str)
+           for file in files):
+        return source
+    if constants.is_offline_mode():
+        raise _weights_error(backbone, timm_name, source,
+                             "HF_HUB_OFFLINE is set and they are not in the Hugging Face cache "
+                             f"{constants.HF_HUB_CACHE}")
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, files[0], revision=revision or None),
+                             timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except (HfHubHTTPError, EntryNotFoundError):
+        pass  # the hub answered: timm's own download reports anything else
+    except _network_errors() as err:
+        raise _weights_error(backbone, timm_name, source, _one_line(err)) from err
+    return source
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The errors of a failed connection: the hub's (its HTTP client's, and the one it raises
+    when it gives up), torch.hub's and the socket's."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    errors: list[type[BaseException]] = [LocalEntryNotFoundError, ConnectionError,
+                                         urllib.error.URLError, TimeoutError]
+    for client in ("httpx2", "httpx"):  # the hub's HTTP client, by hub version
+        with contextlib.suppress(ImportError, AttributeError):
+            errors.append(importlib.import_module(client).TransportError)
+    return tuple(errors)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}"
+
+
+def _weights_error(backbone: str, timm_name: str, source: str, reason: str
+                   ) -> PretrainedWeightsError:
+    from huggingface_hub import constants
+
+    what = backbone if timm_name == backbone else f"{backbone} (timm's {timm_name})"
+    return PretrainedWeightsError(
+        f"model.pretrained: timm's ImageNet weights for {what} could not be fetched from "
+        f"{source} ({reason}); supply them without a network: {backbone}.pth in the folder named "
+        f"by params model.weights_dir, or a Hugging Face cache ({constants.HF_HUB_CACHE}) "
+        "filled beforehand, used with HF_HUB_OFFLINE=1")
+
+
+def log_hub_through_root() -> None:
+    """Let huggingface_hub's log records reach the application's handlers once.
+
+    On import, huggingface_hub puts a StreamHandler of its own on its logger and leaves the
+    logger propagating to the root logger, so once the root is configured (`glr`'s
+    logging.basicConfig) every hub warning is printed twice: bare by the hub's handler, then
+    formatted by the root's. Removing the hub's own handler leaves one line per record, in the
+    application's format (and Python's last-resort handler still prints warnings when nothing
+    is configured).
+    """
+    hub_logger = logging.getLogger("huggingface_hub")
+    for handler in list(hub_logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            hub_logger.removeHandler(handler)
 
 
 def map_ibn_net_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

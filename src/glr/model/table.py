@@ -1,0 +1,46 @@
+"""The backbone table: names glr builds without asking timm (IBN-a conversions, recipes).
+
+Kept apart from `glr.model.backbones` and free of torch and timm imports, so that
+`glr.params` can check backbone names in milliseconds when params load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone: the timm architecture and whether to convert it to IBN-a."""
+
+    timm_name: str
+    ibn_a: bool = False
+    # Release file of the IBN-Net ImageNet weights for this architecture, for `pretrained_path`.
+    ibn_net_checkpoint: str | None = None
+    # Whether timm has ImageNet weights for `timm_name` (model.pretrained without weights_dir);
+    # tests/test_params.py checks it against timm.
+    timm_weights: bool = True
+
+
+# The names glr knows without asking timm: the IBN-a conversions and the recipes' backbones.
+# Any other timm ResNet-family name works too (`BackboneSpec(name)`, see glr.model.backbones).
+BACKBONES: dict[str, BackboneSpec] = {
+    # Small models for the CPU demo and tests.
+    "resnet10t": BackboneSpec("resnet10t"),
+    "resnet18": BackboneSpec("resnet18"),
+    "resnet34": BackboneSpec("resnet34"),
+    "resnet18_ibn_a": BackboneSpec("resnet18", ibn_a=True,
+                                   ibn_net_checkpoint="resnet18_ibn_a-2f571257.pth"),
+    # Quick recipe.
+    "resnet50": BackboneSpec("resnet50"),
+    "resnet50_ibn_a": BackboneSpec("resnet50", ibn_a=True,
+                                   ibn_net_checkpoint="resnet50_ibn_a-d9d0bb7b.pth"),
+    # The solution's ensemble.
+    "resnest101e": BackboneSpec("resnest101e"),
+    "resnest269e": BackboneSpec("resnest269e"),
+    "seresnet101_ibn_a": BackboneSpec("seresnet101", ibn_a=True,
+                                      ibn_net_checkpoint="se_resnet101_ibn_a-fabed4e2.pth",
+                                      timm_weights=False),
+    "resnext101_32x4d_ibn_a": BackboneSpec("resnext101_32x4d", ibn_a=True,
+                                           ibn_net_checkpoint="resnext101_ibn_a-6ace051d.pth"),
+}
