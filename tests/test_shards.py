@@ -384,3 +384,10 @@ def test_a_full_disk_is_one_clear_error_and_leaves_no_temporary_files(sharded, t
     # the finished shards are kept, each with its info file
     finished = list(shard_dir.rglob("*.tar"))
     assert finished and len(list(shard_dir.rglob("*.info.json"))) == len(finished)
+
+
+def test_missing_prepared_tables_are_a_clear_error(sharded, tmp_path):
+    params, _, _, _ = sharded
+    with pytest.raises(shards.ShardError, match=r"clean\.parquet: not found; run `glr prepare`"):
+        shards.main(params, tmp_path / "nothing", tmp_path / "shards", tmp_path / "m.json",
+                    progress=False)
