@@ -8,9 +8,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,11 +62,60 @@ def _dvc(*args: str, cwd: Path) -> str:
     return result.stdout
 
 
+def _alive_in(folder: Path) -> list[int]:
+    """Live (not zombie) processes whose working directory is `folder`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == folder
+                    and "zombie" not in (proc / "status").read_text()):
+                pids.append(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return pids
+
+
+KILLED: dict[str, str] = {}  # what the interrupted run left, for test_a_killed_dvc_repro_...
+
+
 @pytest.fixture(scope="module")
 def reproduced_repo(fresh_repo) -> Path:
-    """`fresh_repo` after one `dvc repro` of the whole pipeline (run once per module)."""
-    _dvc("repro", cwd=fresh_repo)
+    """`fresh_repo` after `dvc repro` of the whole pipeline (run once per module): a first
+    `dvc repro` is killed with SIGKILL (its whole process group, as a scheduler's preemption
+    does) once the first training phase has started; a second one finishes the pipeline."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    log_path = fresh_repo.parent / "killed-repro.log"
+    with log_path.open("w") as log_file:
+        run = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=fresh_repo, env=env,
+                               stdout=log_file, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    started = fresh_repo / "runs/resnet18/p1/tensorboard"
+    deadline = time.monotonic() + 600
+    while not started.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    deadline = time.monotonic() + 20
+    while _alive_in(fresh_repo) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    KILLED["left_running"] = str(_alive_in(fresh_repo))
+    KILLED["log"] = log_path.read_text()
+    KILLED["training_started"] = str(started.exists())
+    KILLED["second_run"] = _dvc("repro", cwd=fresh_repo)
     return fresh_repo
+
+
+def test_a_killed_dvc_repro_leaves_nothing_running_and_the_next_one_goes_on(reproduced_repo):
+    assert KILLED["training_started"] == "True", KILLED["log"][-3000:]
+    assert KILLED["left_running"] == "[]"
+    second = KILLED["second_run"]
+    # The stages that had finished are not run again; the killed one and the rest are.
+    for stage in ("synth", "prepare", "shard", "init@resnet18"):
+        assert f"Stage '{stage}' didn't change, skipping" in second, second
+    assert "Running stage 'train@resnet18-phase0'" in second
+    assert "Running stage 'evaluate'" in second
 
 
 def test_dvc_repro_runs_every_stage_and_writes_metrics(reproduced_repo):
