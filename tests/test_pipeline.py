@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # minutes: `pytest -m "not slow"` skips it
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"clean_landmarks": 6, "extra_landmarks": 4, "test_landmarks": 4,
          "distractor_landmarks": 4, "ignored_queries": 3, "clean_images": [2, 4],

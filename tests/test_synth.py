@@ -28,6 +28,10 @@ def generated(tmp_path_factory, small_synth) -> tuple[Layout, synth.Plan]:
 
 
 def test_same_seed_same_bytes_whatever_the_worker_count(generated, small_synth, tmp_path):
+    # Exact bytes are right here: both runs are on this machine, so every image goes through
+    # the same numpy, LAPACK, PIL and libjpeg kernels from its own random stream; the worker
+    # count only decides which process renders it. Nothing is reduced across images or
+    # threads (the one LAPACK call, an 8×8 solve, is below OpenBLAS's threading threshold).
     layout, _ = generated
     again = tmp_path / "again"
     synth.generate(small_synth, again, workers=2, progress=False)
@@ -99,6 +103,7 @@ def test_default_plan_is_asia_heavy():
 
 
 def test_country_style_is_shared_within_a_country():
+    # The same call twice in one process: the same operations on the same draws, so == holds.
     style_a, style_b = synth.make_style(1, 0), synth.make_style(1, 1)
     assert (synth.make_style(1, 0).palette == style_a.palette).all()
     assert not (style_a.palette == style_b.palette).all()

@@ -98,8 +98,11 @@ def extract_parts(model: torch.nn.Module, urls: list[str], counts: list[int], pa
     todo = [n for n in todo if counts[n] > 0]
     if not todo:
         return
-    stream = ExtractStream([urls[n] for n in todo], EvalTransform(size), split_by_rank=False)
-    loader = DataLoader(stream, batch_size=batch, num_workers=workers,
+    # Batches within a shard: a resumed or distributed run computes each shard in the same
+    # batches as a single uninterrupted one, so its features are the same bytes.
+    stream = ExtractStream([urls[n] for n in todo], EvalTransform(size), split_by_rank=False,
+                           batch_size=batch)
+    loader = DataLoader(stream, batch_size=None, num_workers=workers,
                         pin_memory=env.device.type == "cuda")
     autocast = (torch.autocast("cuda", dtype=torch.float16) if env.device.type == "cuda"
                 else torch.autocast("cpu", dtype=torch.bfloat16))

@@ -404,7 +404,9 @@ def k_reciprocal_distance(
     ranked = smallest_k(distance, max(k1 + 1, k2))
 
     rows, cols = _expanded_reciprocal_sets(ranked, k1)
-    weights = np.exp(-distance[rows, cols]).astype(np.float64)
+    # exp in float64: numpy's float32 exp differs by an ulp between its SIMD paths (AVX2,
+    # AVX-512, baseline), which would make the weights depend on the CPU.
+    weights = np.exp(-distance[rows, cols].astype(np.float64))
     values = weights / np.bincount(rows, weights, minlength=num_items)[rows]
     if k2 > 1:
         rows, cols, values = _local_query_expansion(rows, cols, values, ranked[:, :k2])

@@ -164,21 +164,33 @@ class ExtractStream(IterableDataset):
     """Every sample of some shards once, as (uint8 image, shard number, position, meta JSON).
 
     `urls` are split across ranks, then workers; the shard number is the index into `urls`, so
-    a caller can put every feature back in a fixed order whatever the process layout.
+    a caller can put every feature back in a fixed order whatever the process layout. With
+    `batch_size`, it yields batches (images stacked, numbers, positions, metas) that never
+    span two shards: each shard is then computed in the same batches whatever the process
+    layout or a resume, so the same kernels see the same inputs and give the same features.
     """
 
     def __init__(self, urls: list[str], transform: Callable[[bytes], torch.Tensor],
-                 split_by_rank: bool = True):
+                 split_by_rank: bool = True, batch_size: int | None = None):
         super().__init__()
         self.urls = list(urls)
         self.transform = transform
         self.split_by_rank = split_by_rank  # False: the caller gave this rank its own urls
+        self.batch_size = batch_size
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int, str]]:
+    def __iter__(self) -> Iterator[tuple]:
         rank, world, worker, workers = pytorch_worker_info()
         if not self.split_by_rank:
             rank, world = 0, 1
         numbers = list(range(len(self.urls)))[rank::world][worker::workers]
         for number in numbers:
-            for position, sample in enumerate(_samples([self.urls[number]])):
-                yield self.transform(sample["jpg"]), number, position, sample["json"].decode()
+            samples = ((self.transform(sample["jpg"]), number, position,
+                        sample["json"].decode())
+                       for position, sample in enumerate(_samples([self.urls[number]])))
+            if self.batch_size is None:
+                yield from samples
+                continue
+            while batch := list(itertools.islice(samples, self.batch_size)):
+                images, shard_numbers, positions, metas = zip(*batch, strict=True)
+                yield (torch.stack(images), torch.tensor(shard_numbers),
+                       torch.tensor(positions), list(metas))
