@@ -296,3 +296,16 @@ def test_a_size_above_the_shards_max_side_is_a_clear_error(small_pipeline, shard
                                                                    phases=[phase]))
     with pytest.raises(shards.ShardError, match=r"1024 px .*shard\.max_side = 512"):
         train.plan_phase(params, "resnet10t", "p1", shard_dir, tmp_path, tmp_path, world=1)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_precision_uses_bf16_only_where_the_cpu_has_it(monkeypatch, native_bf16):
+    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: native_bf16)
+    autocast, scaler = train.precision_context(torch.device("cpu"), "auto")
+    assert scaler is None
+    with autocast:
+        product = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert product.dtype == (torch.bfloat16 if native_bf16 else torch.float32)
+    autocast, _ = train.precision_context(torch.device("cpu"), "fp32")
+    with autocast:
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32

@@ -8,12 +8,13 @@ Writes `data/features/<backbone>/`:
     ref.parquet                        id, label, country, continent
     info.json                          model folder, size, scales, counts
 
-Batched, mixed precision (fp16 on CUDA, bf16 on CPU), channels_last, DataLoader workers;
-optional multi-scale (e.g. 0.707, 1, 1.414: side rounded down to a multiple of 16, features
-averaged then re-normalized). Under torchrun each rank extracts a disjoint set of shards. Every
-finished shard is saved at once under `runs/extract/<backbone>/<fingerprint>/`, so an
-interrupted run resumes where it stopped; rank 0 then assembles the parts in shard order, so
-the result does not depend on the number of processes or workers.
+Batched, mixed precision (fp16 on CUDA, bf16 on a CPU with native bfloat16, else fp32),
+channels_last, DataLoader workers; optional multi-scale (e.g. 0.707, 1, 1.414: side rounded
+down to a multiple of 16, features averaged then re-normalized). Under torchrun each rank
+extracts a disjoint set of shards. Every finished shard is saved at once under
+`runs/extract/<backbone>/<fingerprint>/`, so an interrupted run resumes where it stopped;
+rank 0 then assembles the parts in shard order, so the result does not depend on the number of
+processes or workers.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from glr.train import (
     Dist,
     file_digest,
     load_model,
+    precision_context,
     relaunch_under_torchrun,
     setup_distributed,
 )
@@ -104,8 +106,7 @@ def extract_parts(model: torch.nn.Module, urls: list[str], counts: list[int], pa
                            batch_size=batch)
     loader = DataLoader(stream, batch_size=None, num_workers=workers,
                         pin_memory=env.device.type == "cuda")
-    autocast = (torch.autocast("cuda", dtype=torch.float16) if env.device.type == "cuda"
-                else torch.autocast("cpu", dtype=torch.bfloat16))
+    autocast, _ = precision_context(env.device, "auto")
     sides = scaled_sides(size, scales)
     pending: dict[int, list[tuple[int, np.ndarray, str]]] = {}
     bar = progress_bar(total=sum(counts[n] for n in todo), desc=desc, unit="img",

@@ -249,7 +249,8 @@ class TrainParams:
     checkpoint_every: int = _spec(2, min=1, help="epochs between resumable checkpoints")
     shuffle_buffer: int = _spec(1000, min=1, help="samples in each shuffle buffer")
     precision: Literal["auto", "fp32"] = _spec(
-        "auto", help="auto: fp16 + GradScaler on CUDA, bf16 autocast on CPU; fp32: none")
+        "auto", help="auto: fp16 + GradScaler on CUDA, bf16 autocast on a CPU with native "
+                     "bfloat16 (AMX, AVX-512 BF16), fp32 on other CPUs; fp32: no autocast")
     continent: ContinentParams = field(default_factory=ContinentParams)
     phases: list[PhaseParams] = field(default_factory=_default_phases)
 

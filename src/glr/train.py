@@ -7,7 +7,8 @@ the phase named in its `init` and writes `models/B/P/` (model.safetensors + conf
 
 The loop, by method.md: SGD (momentum 0.9, biases at 2× LR), cosine schedule with linear
 warmup counted in epochs and stepped per iteration, ArcFace + cross-entropy, mixed precision
-(fp16 + GradScaler on CUDA, bf16 autocast on CPU), channels_last. Under torchrun every rank
+(fp16 + GradScaler on CUDA, bf16 autocast on a CPU with native bfloat16, fp32 on other CPUs),
+channels_last. Under torchrun every rank
 reads its own part of the shards; only rank 0 logs and writes. Resumable: a checkpoint
 (model, optimizer, scheduler, scaler, epoch, RNG states) is written every
 `train.checkpoint_every` epochs to `runs/B/P/checkpoint.pt`, and a restarted stage resumes
@@ -249,13 +250,37 @@ def make_stream(params: Params, plan: PhasePlan, shard_dir: Path) -> TrainStream
                        seed=params.train.seed, shuffle_buffer=params.train.shuffle_buffer)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AMX or AVX-512 BF16). Elsewhere (AVX2,
+    plain AVX-512) oneDNN emulates it, and a bf16 step takes tens of times as long as fp32."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def precision_context(device: torch.device, precision: str):
-    """(autocast context, GradScaler or None) for the device."""
+    """(autocast context, GradScaler or None) for the device.
+
+    auto: fp16 + GradScaler on CUDA; bf16 autocast on a CPU with native bfloat16; fp32 on
+    other CPUs. fp32: no autocast anywhere.
+    """
     if precision == "fp32":
         return nullcontext(), None
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
-    return torch.autocast("cpu", dtype=torch.bfloat16), None
+    if cpu_has_fast_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16), None
+    return nullcontext(), None
+
+
+def precision_name(device: torch.device, precision: str) -> str:
+    """What `precision_context` picks, in words for the logs."""
+    if precision == "fp32":
+        return "fp32 (train.precision)"
+    if device.type == "cuda":
+        return "fp16 autocast + GradScaler"
+    if cpu_has_fast_bf16():
+        return "bf16 autocast (the CPU has native bfloat16)"
+    return "fp32 (the CPU has no native bfloat16, which would be emulated, many times slower)"
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -352,6 +377,8 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
     autocast, scaler = precision_context(env.device, params.train.precision)
+    if env.main:
+        log.info("precision: %s", precision_name(env.device, params.train.precision))
     fingerprint = run_fingerprint(params, plan, shard_dir, env.world)
     checkpoint = plan.run_dir / "checkpoint.pt"
     start_epoch, rows = try_resume(checkpoint, fingerprint, model, optimizer, scheduler, scaler)
