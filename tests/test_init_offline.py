@@ -25,7 +25,7 @@ from huggingface_hub.utils._http import default_client_factory
 from safetensors.torch import save_file
 
 from glr import cli
-from glr.train import load_model
+from glr.model.folder import load_model
 
 BACKBONE = "resnet10t"
 HUB_ID = "timm/resnet10t.c3_in1k"  # timm's default weights of resnet10t

@@ -23,10 +23,11 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import endless
-from glr import shards, train
+from glr import runtime, shards, train
 from glr.data import mix
 from glr.data.samplers import continent_group_probs
 from glr.model import build_model
+from glr.model.folder import load_model
 from glr.params import ContinentParams, Params, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def run_phase(params, shard_dir, root: Path, phase: str, stop_after_epochs=None)
     plan = train.plan_phase(params, "resnet10t", phase, shard_dir, root / "models",
                             root / "runs", world=1)
     return train.train_phase(params, plan, shard_dir, root / "metrics" / f"{phase}.tsv",
-                             train.Dist(), stop_after_epochs=stop_after_epochs)
+                             runtime.Dist(), stop_after_epochs=stop_after_epochs)
 
 
 def test_two_phases_grow_the_classifier_and_write_models(small_pipeline, shard_dir, tmp_path):
@@ -119,7 +120,7 @@ def test_two_phases_grow_the_classifier_and_write_models(small_pipeline, shard_d
     run_phase(params, shard_dir, tmp_path, "p1")
     run_phase(params, shard_dir, tmp_path, "p2")
     p1 = load_file(str(tmp_path / "models/resnet10t/p1/model.safetensors"))
-    p2_model, config = train.load_model(tmp_path / "models/resnet10t/p2")
+    p2_model, config = load_model(tmp_path / "models/resnet10t/p2")
     lists = shards.read_lists(shard_dir)
     classes = {name: 1 + max(shards.read_manifest(shard_dir, g)["max_label"]
                              for g in lists[name]) for name in ("clean", "all")}
@@ -171,7 +172,7 @@ def test_torchrun_two_processes_on_cpu(small_pipeline, shard_dir, tmp_path):
         capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "starting 2 processes" in result.stderr
-    _, config = train.load_model(tmp_path / "models/resnet10t/p1")
+    _, config = load_model(tmp_path / "models/resnet10t/p1")
     assert config["world_size"] == 2 and config["effective_batch"] == 16
     assert len((tmp_path / "metrics/resnet10t/p1.tsv").read_text().splitlines()) == 4
 
@@ -238,7 +239,7 @@ def test_a_dead_rank_under_torchrun_stops_the_run_and_a_rerun_resumes(small_pipe
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"resuming resnet10t/p1 from .* after epoch [12]", result.stderr)
-    _, config = train.load_model(tmp_path / "models/resnet10t/p1")
+    _, config = load_model(tmp_path / "models/resnet10t/p1")
     assert config["final"]["epoch"] == 3 and config["world_size"] == 2
 
 
@@ -300,12 +301,12 @@ def test_a_size_above_the_shards_max_side_is_a_clear_error(small_pipeline, shard
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_auto_precision_uses_bf16_only_where_the_cpu_has_it(monkeypatch, native_bf16):
-    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: native_bf16)
-    autocast, scaler = train.precision_context(torch.device("cpu"), "auto")
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: native_bf16)
+    autocast, scaler = runtime.precision_context(torch.device("cpu"), "auto")
     assert scaler is None
     with autocast:
         product = torch.ones(2, 2) @ torch.ones(2, 2)
     assert product.dtype == (torch.bfloat16 if native_bf16 else torch.float32)
-    autocast, _ = train.precision_context(torch.device("cpu"), "fp32")
+    autocast, _ = runtime.precision_context(torch.device("cpu"), "fp32")
     with autocast:
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32

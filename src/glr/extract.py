@@ -35,17 +35,10 @@ from torch.utils.data import DataLoader
 
 from glr import shards
 from glr.data import EvalTransform, ExtractStream, normalize
+from glr.model.folder import WEIGHTS, file_digest, load_model
 from glr.params import Params
 from glr.progress import progress_bar
-from glr.train import (
-    WEIGHTS,
-    Dist,
-    file_digest,
-    load_model,
-    precision_context,
-    relaunch_under_torchrun,
-    setup_distributed,
-)
+from glr.runtime import Dist, precision_context, relaunch_under_torchrun, setup_distributed
 
 log = logging.getLogger(__name__)
 

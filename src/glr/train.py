@@ -24,57 +24,33 @@ import logging
 import math
 import os
 import random
-import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from glr import shards
 from glr.data import TrainStream, TrainTransform, normalize
 from glr.data.samplers import continent_group_probs
-from glr.model import build_model, load_phase_weights, model_from_config, param_groups
+from glr.model import build_model, load_phase_weights, param_groups
+from glr.model.folder import WEIGHTS, file_digest, load_model, save_model
 from glr.params import FIRST_INIT, ModelParams, Params, ParamsError, PhaseParams
 from glr.progress import progress_bar
+from glr.runtime import (
+    Dist,
+    precision_context,
+    precision_name,
+    relaunch_under_torchrun,
+    setup_distributed,
+)
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 
-
-# --------------------------------------------------------------------------- model folders
-
-
-def save_model(model: torch.nn.Module, folder: Path, config: dict) -> None:
-    """Weights (safetensors) and a JSON config, written atomically into `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = folder / f".{WEIGHTS}.tmp{os.getpid()}"
-    save_file(state, str(tmp))
-    tmp.replace(folder / WEIGHTS)
-    (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def load_model(folder: Path) -> tuple[torch.nn.Module, dict]:
-    """A model folder back as (model, config)."""
-    config = json.loads((Path(folder) / CONFIG).read_text())
-    model = model_from_config(config["model"])
-    model.load_state_dict(load_file(str(Path(folder) / WEIGHTS)))
-    return model, config
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# --------------------------------------------------------------------------- starting weights
 
 
 def _model_kwargs(params: ModelParams) -> dict:
@@ -125,43 +101,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-# --------------------------------------------------------------------------- distributed
-
-
-@dataclasses.dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Dist:
-    """Join the torchrun process group when there is one (nccl on GPU, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
-
-
-def relaunch_under_torchrun(processes: int, argv: list[str]) -> None:
-    """Run this very command under torchrun with `processes` per node (replaces the process)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={processes}", "-m", "glr", *argv]
-    log.info("starting %d processes: %s", processes, " ".join(command))
-    os.execv(sys.executable, command)
-
-
 # --------------------------------------------------------------------------- the phase
 
 
@@ -209,7 +148,7 @@ def plan_phase(params: Params, backbone: str, phase_name: str, shard_dir: Path,
 def code_digest() -> str:
     """sha256 of the code a training run depends on (the loop, the model, the loader)."""
     package = Path(__file__).parent
-    files = [package / "train.py", package / "params.py",
+    files = [package / "train.py", package / "params.py", package / "runtime.py",
              *sorted((package / "model").glob("*.py")), *sorted((package / "data").glob("*.py"))]
     digest = hashlib.sha256()
     for path in files:
@@ -248,39 +187,6 @@ def make_stream(params: Params, plan: PhasePlan, shard_dir: Path) -> TrainStream
                        probs=plan.probs,
                        pk_instances=phase.instances if phase.sampler == "id_uniform" else None,
                        seed=params.train.seed, shuffle_buffer=params.train.shuffle_buffer)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AMX or AVX-512 BF16). Elsewhere (AVX2,
-    plain AVX-512) oneDNN emulates it, and a bf16 step takes tens of times as long as fp32."""
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def precision_context(device: torch.device, precision: str):
-    """(autocast context, GradScaler or None) for the device.
-
-    auto: fp16 + GradScaler on CUDA; bf16 autocast on a CPU with native bfloat16; fp32 on
-    other CPUs. fp32: no autocast anywhere.
-    """
-    if precision == "fp32":
-        return nullcontext(), None
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
-    if cpu_has_fast_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16), None
-    return nullcontext(), None
-
-
-def precision_name(device: torch.device, precision: str) -> str:
-    """What `precision_context` picks, in words for the logs."""
-    if precision == "fp32":
-        return "fp32 (train.precision)"
-    if device.type == "cuda":
-        return "fp16 autocast + GradScaler"
-    if cpu_has_fast_bf16():
-        return "bf16 autocast (the CPU has native bfloat16)"
-    return "fp32 (the CPU has no native bfloat16, which would be emulated, many times slower)"
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
