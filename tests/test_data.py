@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import random
 import tarfile
 from collections import Counter
@@ -81,7 +82,7 @@ def test_pad_random_crop_equals_pad_then_crop():
 
 def test_random_erasing_area_aspect_and_fill():
     # Each side of the box is rounded to whole pixels (±1/2), so for an area A in
-    # [0.02, 0.2]·64² and an aspect r in [0.3, 3.3] the box covers A ± (√(Ar) + √(A/r))/2 + 1/4:
+    # [0.02, 0.2]·64² and an aspect r in [0.3, 1/0.3] the box covers A ± (√(Ar) + √(A/r))/2 + 1/4:
     # between 0.0174 and 0.2084 of the image, within the bounds below on any CPU.
     rng = random.Random(0)
     areas = []
@@ -94,6 +95,146 @@ def test_random_erasing_area_aspect_and_fill():
         box = out[:, ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
         assert (box == torch.tensor(MEAN_PIXEL, dtype=torch.uint8).view(3, 1, 1)).all()
     assert min(areas) >= 0.015 and max(areas) <= 0.21
+
+
+class ScriptedRng:
+    """A stand-in for random.Random with scripted draws: uniform(a, b) = a + (b − a)·u for the
+    next scripted u (CPython's formula), randint(a, b) = b, so a box lands in the bottom-right
+    corner; it counts the draws and records randint's bounds."""
+
+    def __init__(self, *us: float):
+        self.us = list(us)
+        self.draws = 0
+        self.randint_bounds = []
+
+    def uniform(self, a: float, b: float) -> float:
+        self.draws += 1
+        return a + (b - a) * self.us.pop(0)
+
+    def random(self) -> float:
+        return self.uniform(0.0, 1.0)
+
+    def randint(self, a: int, b: int) -> int:
+        self.draws += 1
+        self.randint_bounds.append((a, b))
+        return b
+
+
+def erased_box(out: torch.Tensor) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of the one non-zero rectangle of a zero image."""
+    mask = (out.numpy() != 0).any(0)
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    top, left, h, w = int(rows[0]), int(cols[0]), len(rows), len(cols)
+    assert rows[-1] - top + 1 == h and cols[-1] - left + 1 == w and mask.sum() == h * w
+    return top, left, h, w
+
+
+# (u of the area, u of the aspect) → (h, w) on a 300 × 400 image (area 120,000), worked out by
+# hand from the authors' rule: area = (0.02 + 0.18u)·120,000, aspect = 0.3 + (1/0.3 − 0.3)u,
+# h = round(√(area·aspect)) rows, w = round(√(area/aspect)) columns. u = 0.5 tells the uniform
+# aspect (1.8167: 155 × 85) from a log-uniform one (1: 115 × 115) and h from w.
+@pytest.mark.parametrize(("us", "box"), [
+    ((0.0, 0.0), (27, 89)),     # 2,400 px, aspect 0.3: √720 = 26.8, √8,000 = 89.4
+    ((0.5, 0.5), (155, 85)),    # 13,200 px, aspect 1.8167: √23,980 = 154.9, √7,266 = 85.2
+    ((1.0, 1.0), (283, 85)),    # 24,000 px, aspect 1/0.3: √80,000 = 282.8, √7,200 = 84.9
+])
+def test_random_erasing_box_follows_the_authors_rule(us, box):
+    rng = ScriptedRng(0.0, *us)
+    out = random_erasing(torch.zeros(3, 300, 400, dtype=torch.uint8), rng)
+    h, w = box
+    assert erased_box(out) == (300 - h, 400 - w, h, w)
+    assert rng.randint_bounds == [(0, 300 - h), (0, 400 - w)]  # top first, both inclusive
+    assert rng.draws == 1 + 2 + 2 and not rng.us  # p, area, aspect, top, left
+
+
+def test_random_erasing_probability_compares_with_ge():
+    """Skipped when the first draw is >= p (the authors' `uniform(0, 1) >= probability`)."""
+    def erases(u: float, p: float) -> bool:
+        rng = ScriptedRng(u, 0.0, 0.0)
+        erased = bool(random_erasing(torch.zeros(3, 30, 40, dtype=torch.uint8), rng, p=p).any())
+        assert rng.draws == (5 if erased else 1)
+        return erased
+
+    assert not erases(0.5, p=0.5) and erases(0.4999, p=0.5)
+    assert erases(0.9999, p=1.0) and not erases(0.0, p=0.0)  # the recipe's p = 1: always
+
+
+ASPECT_2 = (2 - 0.3) / (1 / 0.3 - 0.3)  # the u that gives aspect 2
+ASPECT_HALF = (0.5 - 0.3) / (1 / 0.3 - 0.3)  # the u that gives aspect 0.5
+
+
+# The smallest area (2 px of 100) with aspect 2 gives h = √4 = 2, w = 1; with aspect 0.5,
+# h = 1, w = 2. A box as tall (or as wide) as the image does not fit: the next try is taken.
+@pytest.mark.parametrize(("shape", "tie", "fit", "box"), [
+    ((2, 50), (0.0, ASPECT_2), (0.0, 0.0), (1, 3)),       # h = H = 2; then aspect 0.3: 1 × 3
+    ((50, 2), (0.0, ASPECT_HALF), (0.0, ASPECT_2), (2, 1)),  # w = W = 2; then aspect 2: 2 × 1
+])
+def test_random_erasing_box_must_be_strictly_smaller(shape, tie, fit, box):
+    rng = ScriptedRng(0.0, *tie, *fit)
+    out = random_erasing(torch.zeros(3, *shape, dtype=torch.uint8), rng)
+    assert erased_box(out)[2:] == box and rng.draws == 1 + 2 + 2 + 2
+
+
+# On a 2 × 50 image (area 100) a near-largest draw (20 px, aspect 3.33) gives an 8-row box: a
+# miss.
+MISS = (0.999, 0.999)
+FIT = (0.0, 0.0)  # 2 px, aspect 0.3: 1 × 3
+
+
+def test_random_erasing_tries_100_times():
+    rng = ScriptedRng(0.0, *MISS * 99, *FIT)
+    out = random_erasing(torch.zeros(3, 2, 50, dtype=torch.uint8), rng)
+    assert erased_box(out) == (1, 47, 1, 3)
+    assert rng.draws == 1 + 2 * 100 + 2
+
+
+def test_random_erasing_gives_up_after_100_misses():
+    rng = ScriptedRng(0.0, *MISS * 100, *FIT)
+    out = random_erasing(torch.zeros(3, 2, 50, dtype=torch.uint8), rng)
+    assert not out.any()
+    assert rng.draws == 1 + 2 * 100 and rng.us == list(FIT)  # the 101st try is never drawn
+
+
+def _max_cdf_gap(lower: np.ndarray, upper: np.ndarray, grid: np.ndarray,
+                 cdf: np.ndarray) -> float:
+    """The least distance by which the sample's CDF must leave `cdf` (its values on `grid`),
+    knowing each value only to its interval [lower, upper]: #(value ≤ x) lies between
+    #(upper ≤ x) and #(lower ≤ x)."""
+    n = len(lower)
+    at_least = np.searchsorted(np.sort(upper), grid, side="right") / n
+    at_most = np.searchsorted(np.sort(lower), grid, side="right") / n
+    return float(max((at_least - cdf).max(), (cdf - at_most).max(), 0.0))
+
+
+def test_random_erasing_area_and_aspect_are_uniform():
+    """Boxes of a seeded run, read back from the image: area fraction uniform in [0.02, 0.2],
+    aspect uniform (not log-uniform) in [0.3, 1/0.3]."""
+    height = width = 256
+    n = 4000
+    rng = random.Random(0)
+    image = torch.zeros(1, height, width, dtype=torch.uint8)
+    boxes = []
+    for _ in range(n):
+        top, left, h, w = erased_box(random_erasing(image, rng, fill=(255,)))
+        boxes.append((h, w))
+        image[:, top: top + h, left: left + w] = 0
+    h, w = np.array(boxes, dtype=float).T
+    # Rounding: |h − √(s·A·r)| ≤ 1/2 and |w − √(s·A/r)| ≤ 1/2 bound the drawn area fraction s
+    # and aspect r to intervals (the product and the ratio of the two).
+    area = height * width
+    s_lo, s_hi = (h - 0.5) * (w - 0.5) / area, (h + 0.5) * (w + 0.5) / area
+    r_lo, r_hi = (h - 0.5) / (w + 0.5), (h + 0.5) / (w - 0.5)
+    assert (s_hi >= 0.02).all() and (s_lo <= 0.2).all()
+    assert (r_hi >= 0.3).all() and (r_lo <= 1 / 0.3).all()
+    # Dvoretzky–Kiefer–Wolfowitz: a sample of n from F leaves F by more than
+    # ε = √(ln(2/α)/(2n)) with probability at most α; α = 1e-3 gives ε = 0.031 for n = 4,000.
+    eps = math.sqrt(math.log(2 / 1e-3) / (2 * n))
+    s_grid, r_grid = np.linspace(0.02, 0.2, 1001), np.linspace(0.3, 1 / 0.3, 1001)
+    assert _max_cdf_gap(s_lo, s_hi, s_grid, (s_grid - 0.02) / 0.18) <= eps
+    assert _max_cdf_gap(r_lo, r_hi, r_grid, (r_grid - 0.3) / (1 / 0.3 - 0.3)) <= eps
+    # the check tells uniform from log-uniform (torchvision's) by far
+    log_uniform = np.log(r_grid / 0.3) / np.log(1 / 0.09)
+    assert _max_cdf_gap(r_lo, r_hi, r_grid, log_uniform) > 4 * eps
 
 
 def test_erased_mean_pixel_normalizes_to_zero():

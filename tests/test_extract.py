@@ -27,7 +27,8 @@ def setup(small_pipeline, small_shards, tmp_path_factory):
     params = parse_params({
         "data": dataclasses.asdict(base_params.data),
         "model": {"backbones": ["resnet10t"], "size": 32, "embedding_dim": 16},
-        "train": {"phases": [{"index": 0, "name": "p1", "init": "pretrained"}]},
+        "train": {"phases": {"p1": {}},
+                  "recipe": {"resnet10t-p1": {"backbone": "resnet10t", "phase": "p1"}}},
         "extract": {"batch": 8, "workers": 0},
     })
     folder = train.init_main(params, "resnet10t", root / "models")

@@ -63,6 +63,38 @@ def test_shipped_continent_table_is_complete():
     assert continents["RU"] == "Europe" and continents["AQ"] == "Antarctica"
 
 
+AUTHORS_CONTINENTS = gldv2.SHIPPED_CONTINENTS.with_name("continent_codes_authors.csv")
+# The authors read the public country-and-continent-codes-list CSV into a dict, so for the 8
+# countries it lists twice the last row wins (Asia; North America for UM) where the shipped
+# table has the first; it also has TM (Turkmenistan, Asia), which the shipped table lacks.
+SHIPPED_TRANSCONTINENTAL = {"RU": "Europe", "TR": "Europe", "KZ": "Europe", "AZ": "Europe",
+                            "AM": "Europe", "GE": "Europe", "CY": "Europe", "UM": "Oceania"}
+AUTHORS_TRANSCONTINENTAL = {"RU": "Asia", "TR": "Asia", "KZ": "Asia", "AZ": "Asia",
+                            "AM": "Asia", "GE": "Asia", "CY": "Asia", "UM": "North America"}
+AUTHORS_ONLY = {"TM": "Asia"}
+
+
+def test_authors_continent_table_differs_only_at_the_doubly_listed_countries():
+    shipped = gldv2.read_continents(gldv2.SHIPPED_CONTINENTS)
+    authors = gldv2.read_continents(AUTHORS_CONTINENTS)
+    assert {code: shipped[code] for code in SHIPPED_TRANSCONTINENTAL} == SHIPPED_TRANSCONTINENTAL
+    assert shipped.keys() <= authors.keys()  # complete: every code of the shipped table
+    differ = {code for code in shipped.keys() | authors.keys()
+              if shipped.get(code) != authors.get(code)}
+    assert differ == AUTHORS_TRANSCONTINENTAL.keys() | (AUTHORS_ONLY.keys() - shipped.keys())
+    assert authors == {**shipped, **AUTHORS_TRANSCONTINENTAL, **AUTHORS_ONLY}
+
+
+def test_authors_continent_table_has_one_row_per_code():
+    """Same format as the shipped table; no code twice (the reader would keep the last)."""
+    lines = AUTHORS_CONTINENTS.read_text().splitlines()
+    assert lines[0] == gldv2.SHIPPED_CONTINENTS.read_text().splitlines()[0]
+    codes = [line.split(",")[1] for line in lines[1:]]
+    assert len(codes) == len(set(codes)) == 249  # the shipped 248 + TM
+    continents = {line.split(",")[0] for line in lines[1:]}
+    assert continents == set(gldv2.read_continents(gldv2.SHIPPED_CONTINENTS).values()) - {"OTHER"}
+
+
 def test_duplicate_train_id(tmp_path):
     path = tmp_path / "train.csv"
     write_csv(path, ["id", "url", "landmark_id"],

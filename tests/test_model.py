@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.resnest import ResNestBottleneck
 from torch import nn
 
 from glr.model import (
@@ -324,7 +325,7 @@ def test_ibn_backbones_keep_the_parameter_count(name: str, expected_params: int)
     ("resnet18", 512),
     ("resnet18_ibn_a", 512),
     ("resnet50", 2048),
-    ("resnest101e", 2048),
+    ("resnest26d", 2048),
 ])
 def test_backbone_feature_map_is_input_over_16(name: str, channels: int) -> None:
     backbone, num_features = create_backbone(name)
@@ -339,20 +340,105 @@ def test_unmodified_timm_backbone_is_input_over_32() -> None:
         assert timm_features("resnet18").eval()(torch.randn(1, 3, 64, 64)).shape == (1, 512, 2, 2)
 
 
-def test_last_stride_1_only_touches_layer4() -> None:
-    resnest = set_last_stride_1(timm_features("resnest101e"))
-    layer4_modules = list(resnest.layer4.modules())
-    assert all(m.stride == (1, 1) for m in layer4_modules if isinstance(m, nn.Conv2d))
-    assert not any(isinstance(m, nn.AvgPool2d) for m in layer4_modules)
-    assert isinstance(resnest.layer4[0].avd_last, nn.Identity)
-    assert isinstance(resnest.layer4[0].downsample[0], nn.Identity)
-    assert isinstance(resnest.layer3[0].avd_last, nn.AvgPool2d)
-    assert isinstance(resnest.layer3[0].downsample[0], nn.AvgPool2d)
+@pytest.fixture(scope="module")
+def resnest101e() -> nn.Module:
+    """glr's resnest101e backbone (random weights), built once: it takes a few seconds."""
+    torch.manual_seed(0)
+    backbone, _ = create_backbone("resnest101e")
+    return backbone
 
-    resnet = set_last_stride_1(timm_features("resnet50"))
-    assert resnet.layer4[0].conv2.stride == (1, 1)
-    assert resnet.layer4[0].downsample[0].stride == (1, 1)
-    assert resnet.layer3[0].conv2.stride == (2, 2)
+
+def conv3x3s(block: nn.Module) -> list[nn.Conv2d]:
+    """The convolutions of `block` with a kernel larger than 1x1."""
+    return [m for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+
+
+def test_resnest_last_stride_1_dilates_like_the_authors(resnest101e: nn.Module) -> None:
+    # The authors' `_make_layer(block, 512, layers[3], stride=1, dilation=2)`: block 1 at
+    # dilation 1 keeping its 3x3 avd pool at stride 1; blocks 2..n at dilation 2.
+    first, *others = resnest101e.layer4
+    assert len(others) == 2
+    assert all(m.stride == (1, 1) for m in resnest101e.layer4.modules()
+               if isinstance(m, nn.Conv2d))
+    assert [(c.dilation, c.padding) for c in conv3x3s(first)] == [((1, 1), (1, 1))]
+    for block in others:
+        assert [(c.dilation, c.padding) for c in conv3x3s(block)] == [((2, 2), (2, 2))]
+        assert block.avd_first is None and block.avd_last is None
+    pool = first.avd_last
+    assert type(pool) is nn.AvgPool2d
+    assert (pool.kernel_size, pool.stride, pool.padding) == (3, 1, 1)
+    assert pool.count_include_pad and not pool.ceil_mode  # nn.AvgPool2d(3, 1, padding=1)
+    assert first.avd_first is None
+    # Downsample path: the authors' AvgPool2d(kernel_size=1, stride=1) is the identity.
+    assert isinstance(first.downsample[0], nn.Identity)
+    assert first.downsample[1].kernel_size == (1, 1)
+    assert not any(isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)) and m is not pool
+                   for m in resnest101e.layer4.modules())
+    # Stages 1-3 are untouched: layer3 still downsamples by its avd pool and its 'd' path.
+    assert resnest101e.layer3[0].avd_last.stride == 2
+    assert resnest101e.layer3[0].downsample[0].stride == 2
+    assert all(c.dilation == (1, 1) for c in conv3x3s(resnest101e.layer3))
+    resnest101e.eval()
+    with torch.no_grad():
+        assert resnest101e(torch.randn(1, 3, 64, 64)).shape == (1, 2048, 4, 4)
+
+
+def authors_resnest_stage4(inplanes: int, planes: int, blocks: int) -> nn.Sequential:
+    """Stage 4 as the authors' ResNeSt `_make_layer(block, planes, blocks, stride=1,
+    dilation=2)` builds it (`is_first=True`; avg_down; radix 2, avd, avd_last), made of timm's
+    port of their Bottleneck with the same arguments."""
+    downsample = nn.Sequential(
+        nn.AvgPool2d(kernel_size=1, stride=1, ceil_mode=True, count_include_pad=False),
+        nn.Conv2d(inplanes, planes * 4, kernel_size=1, stride=1, bias=False),
+        nn.BatchNorm2d(planes * 4),
+    )
+    layers = [ResNestBottleneck(inplanes, planes, 1, downsample, radix=2, avd=True,
+                                is_first=True, dilation=1)]
+    layers += [ResNestBottleneck(planes * 4, planes, radix=2, avd=True, dilation=2)
+               for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+
+def test_resnest_stage_4_computes_the_authors_stage_4(resnest101e: nn.Module) -> None:
+    reference = authors_resnest_stage4(1024, 512, 3)
+    layer4 = copy.deepcopy(resnest101e.layer4)
+    randomize_norms(layer4, seed=12)
+    reference.load_state_dict(layer4.state_dict())
+    layer4.eval()
+    reference.eval()
+    x = torch.randn(2, 1024, 5, 6, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        # Same weights, same operations in the same order: the very same float32 kernels.
+        torch.testing.assert_close(layer4(x), reference(x), rtol=0, atol=0)
+        assert layer4(x).shape == (2, 2048, 5, 6)
+
+
+def test_resnest_avd_first_variant_keeps_its_pool_at_stride_1() -> None:
+    # resnest50d_1s4x24d pools before its split-attention conv (avd_first) and has radix 1.
+    backbone, _ = create_backbone("resnest50d_1s4x24d")
+    first, *others = backbone.layer4
+    assert type(first.avd_first) is nn.AvgPool2d and first.avd_first.stride == 1
+    assert first.avd_last is None
+    assert all(c.dilation == (2, 2) and c.padding == (2, 2)
+               for block in others for c in conv3x3s(block))
+    with torch.no_grad():
+        assert backbone.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 2048, 4, 4)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet26d"])
+def test_plain_resnet_last_stride_1_has_no_dilation(name: str) -> None:
+    model = set_last_stride_1(timm_features(name))
+    first = model.layer4[0]
+    assert first.conv2.stride == (1, 1)
+    assert all(m.stride == (1, 1) for m in model.layer4.modules() if isinstance(m, nn.Conv2d))
+    assert all((c.dilation, c.padding) == ((1, 1), (1, 1)) for c in conv3x3s(model.layer4))
+    if name == "resnet26d":  # the 'd' downsample path: its stride-2 average pool goes
+        assert isinstance(first.downsample[0], nn.Identity)
+    else:
+        assert first.downsample[0].stride == (1, 1)
+    assert model.layer3[0].conv2.stride == (2, 2)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 2048, 4, 4)
 
 
 def test_last_stride_1_removes_anti_aliasing_pool() -> None:
@@ -473,33 +559,112 @@ def test_map_ibn_net_keys_renames_the_se_block() -> None:
     torch.testing.assert_close(se_module(x), expected, rtol=0, atol=1e-10)
 
 
-def test_ibn_net_style_se_checkpoint_loads(tmp_path) -> None:
-    # A checkpoint named the IBN-Net way (se.fc.0/2 without bias, IN/BN halves, fc classifier)
-    # for an SE-ResNet-IBN-a; seresnet18 stands in for seresnet101 to keep the file small.
-    source = set_last_stride_1(convert_ibn_a(timm_features("seresnet18")))
-    randomize_norms(source, seed=6)
+def write_ibn_net_checkpoint(backbone: nn.Module, path) -> dict[str, torch.Tensor]:
+    """Save `backbone`'s weights named the IBN-Net way: SE as `se.fc.0/2.weight` (Linear, no
+    bias) and a 1000-class `fc` classifier; returns the saved state dict."""
     ibn_net_state = {}
-    for key, value in source.state_dict().items():
+    for key, value in backbone.state_dict().items():
         if re.search(r"\.se\.fc[12]\.bias$", key):
             continue  # IBN-Net's SE has no bias
         key = re.sub(r"\.se\.fc1\.weight$", ".se.fc.0.weight", key)
         key = re.sub(r"\.se\.fc2\.weight$", ".se.fc.2.weight", key)
         ibn_net_state[key] = value.flatten(1) if ".se.fc." in key else value
-    ibn_net_state["fc.weight"] = torch.randn(1000, 512)
+    ibn_net_state["fc.weight"] = torch.randn(1000, backbone.num_features)
     ibn_net_state["fc.bias"] = torch.randn(1000)
+    torch.save(ibn_net_state, path)
+    return ibn_net_state
+
+
+def ibn_seresnet18() -> nn.Module:
+    """An SE-ResNet-IBN-a with last stride 1; seresnet18 stands in for seresnet101 to keep the
+    checkpoint small."""
+    return set_last_stride_1(convert_ibn_a(timm_features("seresnet18")))
+
+
+def test_ibn_net_style_se_checkpoint_loads(tmp_path) -> None:
+    # A checkpoint named the IBN-Net way (se.fc.0/2 without bias, IN/BN halves, fc classifier)
+    # for an SE-ResNet-IBN-a.
+    source = ibn_seresnet18()
+    randomize_norms(source, seed=6)
+    path = tmp_path / "se_resnet_ibn_a.pth"
+    ibn_net_state = write_ibn_net_checkpoint(source, path)
     assert "layer1.0.se.fc.0.weight" in ibn_net_state
     # (timm rounds 64 / 16 up to 8 here; seresnet101's SE widths are all exactly C / 16.)
     assert ibn_net_state["layer1.0.se.fc.0.weight"].shape == (8, 64)
-    path = tmp_path / "se_resnet_ibn_a.pth"
-    torch.save(ibn_net_state, path)
 
-    target = set_last_stride_1(convert_ibn_a(timm_features("seresnet18")))
+    target = ibn_seresnet18()
     load_backbone_weights(target, path)
     for key, value in target.state_dict().items():
         if re.search(r"\.se\.fc[12]\.bias$", key):
             assert torch.equal(value, torch.zeros_like(value)), key
         else:
             torch.testing.assert_close(value, source.state_dict()[key], rtol=0, atol=0, msg=key)
+
+
+def test_skip_fc_keys_keeps_the_se_layers_own_init(tmp_path) -> None:
+    # The authors' SE-ResNet101-IBN-a loader skips every key containing "fc": SE layers too.
+    torch.manual_seed(1)
+    source = ibn_seresnet18()
+    randomize_norms(source, seed=6)
+    path = tmp_path / "se_resnet_ibn_a.pth"
+    write_ibn_net_checkpoint(source, path)
+
+    torch.manual_seed(2)
+    target = ibn_seresnet18()
+    own_init = copy.deepcopy(target.state_dict())
+    load_backbone_weights(target, path, skip_fc_keys=True)
+    fc_keys = [key for key in own_init if "fc" in key]
+    assert len(fc_keys) == 8 * 4  # se.fc1/fc2 weight and bias in each of the 8 blocks
+    assert all(".se.fc" in key for key in fc_keys)
+    for key, value in target.state_dict().items():
+        expected = own_init[key] if key in fc_keys else source.state_dict()[key]
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=key)
+    # The file's SE weights were really left out (the two random inits differ).
+    assert not torch.equal(target.layer1[0].se.fc1.weight, source.layer1[0].se.fc1.weight)
+
+
+def test_skip_fc_keys_still_names_other_missing_keys(tmp_path) -> None:
+    source = ibn_seresnet18()
+    path = tmp_path / "se_resnet_ibn_a.pth"
+    state = write_ibn_net_checkpoint(source, path)
+    del state["layer4.1.conv2.weight"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=re.escape("missing keys: ['layer4.1.conv2.weight']")):
+        load_backbone_weights(ibn_seresnet18(), path, skip_fc_keys=True)
+
+
+def test_skip_fc_keys_reaches_the_backbone_through_build_model(tmp_path) -> None:
+    source, _ = create_backbone("seresnet18")
+    randomize_norms(source, seed=7)
+    path = tmp_path / "se_resnet.pth"
+    write_ibn_net_checkpoint(source, path)
+
+    torch.manual_seed(3)
+    random_init = build_model("seresnet18", 4, embedding_dim=8)
+    torch.manual_seed(3)
+    skipped = build_model("seresnet18", 4, embedding_dim=8, pretrained_path=path,
+                          skip_fc_keys=True)
+    mapped = build_model("seresnet18", 4, embedding_dim=8, pretrained_path=path)
+    for key, value in skipped.state_dict().items():
+        if not key.startswith("backbone."):
+            expected = random_init.state_dict()[key]  # the head is not part of the file
+        elif "fc" in key:
+            expected = random_init.state_dict()[key]  # the model's own initialization
+        else:
+            expected = source.state_dict()[key.removeprefix("backbone.")]
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=key)
+    # Without it, the SE weights are the file's (mapped from se.fc.0/2).
+    torch.testing.assert_close(mapped.backbone.layer2[0].se.fc1.weight,
+                               source.layer2[0].se.fc1.weight, rtol=0, atol=0)
+    # Starting weights only: the architecture's config does not mention it.
+    assert skipped.config == mapped.config == random_init.config
+    assert "skip_fc_keys" not in skipped.config
+
+
+def test_skip_fc_keys_refuses_timm_weights() -> None:
+    # Raised before timm is asked for anything (no download).
+    with pytest.raises(ValueError, match="skip_fc_keys"):
+        create_backbone("resnet18", pretrained=True, skip_fc_keys=True)
 
 
 # --- RetrievalNet ------------------------------------------------------------------------------

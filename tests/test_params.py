@@ -74,57 +74,112 @@ def test_file_errors_name_the_file(tmp_path):
 # --------------------------------------------------------------------------- between fields
 
 
-def phase(**changes) -> dict:
-    return {"index": 0, "name": "p1", "init": "pretrained", **changes}
+def two_phase_train(*backbones: str, p1: dict | None = None, **entry_changes) -> dict:
+    """train params: phases p1 and p2 (p1's defaults changed by `p1`), every backbone with
+    p1 from pretrained and p2 from p1; `entry_changes` go into every p1 entry."""
+    recipe = {}
+    for backbone in backbones:
+        recipe[f"{backbone}-p1"] = {"backbone": backbone, "phase": "p1", "init": "pretrained",
+                                    **entry_changes}
+        recipe[f"{backbone}-p2"] = {"backbone": backbone, "phase": "p2", "init": "p1"}
+    return {"phases": {"p1": p1 or {}, "p2": {"list": "all"}}, "recipe": recipe}
 
 
 @pytest.mark.parametrize(("raw", "message"), [
-    ({"train": {"phases": [phase(sampler="id_uniform", batch=30, instances=4)]}},
-     r"train\.phases\[0\]\.batch: 30 is not a multiple of train\.phases\[0\]\.instances \(4\)"),
+    ({"train": two_phase_train("resnet18", p1={"sampler": "id_uniform", "batch": 30})},
+     r"train\.phases\.p1\.batch: 30 is not a multiple of train\.phases\.p1\.instances \(4\)"),
+    ({"train": two_phase_train("resnet18", sampler="id_uniform", batch=30)},
+     r"train\.recipe\.resnet18-p1\.batch: 30 is not a multiple of "),
     ({"retrieve": {"weights": [1.0, 0.5]}},
      r"retrieve\.weights: 2 value\(s\) for 1 backbone\(s\) in model\.backbones \(resnet18\)"),
-    ({"model": {"backbones": ["resnet18", "resnet34"]}, "retrieve": {"weights": [1.0]}},
+    ({"model": {"backbones": ["resnet18", "resnet34"]},
+      "train": two_phase_train("resnet18", "resnet34"), "retrieve": {"weights": [1.0]}},
      r"retrieve\.weights: 1 value\(s\) for 2 backbone\(s\)"),
-    ({"extract": {"phase": "p3"}},
-     r"extract\.phase: 'p3' is not a phase of train\.phases; phases: p1, p2"),
-    ({"train": {"phases": [phase(backbone_sizes=["resnest269e=448"])]}},
-     r"train\.phases\[0\]\.backbone_sizes: 'resnest269e=448' names resnest269e, which is not "
-     r"in model\.backbones \(resnet18\)"),
-    ({"train": {"phases": [phase(backbone_sizes=["resnet18=256", "resnet18=128"])]}},
-     r"train\.phases\[0\]\.backbone_sizes: resnet18 is given twice"),
-    ({"train": {"phases": [phase(backbone_sizes=["resnet18=640"])]}},
-     r"train\.phases\[0\]\.backbone_sizes: 'resnet18=640' is above shard\.max_side: .* 512 px"),
-    ({"train": {"phases": [phase(size=640)]}},
-     r"train\.phases\[0\]\.size: 640 is above shard\.max_side: .*raise shard\.max_side"),
+    ({"extract": {"phase": "p3"}}, r"extract\.phase: resnet18 has no phase 'p3' in train\.recipe"),
+    ({"train": two_phase_train("resnet18", size=640)},
+     r"train\.recipe\.resnet18-p1\.size: 640 is above shard\.max_side: .* 512 px"),
+    ({"train": two_phase_train("resnet18", p1={"size": 640})},
+     r"train\.phases\.p1\.size: 640 is above shard\.max_side: .*raise shard\.max_side"),
     ({"model": {"size": 600}}, r"model\.size: 600 is above shard\.max_side: .* 512 px"),
     ({"shard": {"max_side": 96}}, r"model\.size: 112 is above shard\.max_side: .* 96 px"),
-    ({"train": {"phases": [phase(name="a/b")]}}, r"train\.phases\[0\]\.name: 'a/b' is not a "
-                                                  r"folder name"),
-    ({"model": {"backbones": ["seresnet101_ibn_a"], "pretrained": True}},
+    ({"train": {"phases": {"a/b": {}}, "recipe": {}}},
+     r"train\.phases\.a/b: not a phase name"),
+    ({"model": {"backbones": ["resnet18", "resnet34"]}},
+     r"train\.recipe: no entry for backbone resnet34 \(add resnet34-<phase> entries"),
+    ({"train": {"phases": {"p1": {}}, "recipe": {"resnet18-p1": {
+        "backbone": "resnet18", "phase": "p2"}}}},
+     r"train\.recipe\.resnet18-p1\.phase: 'p2' is not in train\.phases \(p1\)"),
+    ({"train": {"phases": {"p1": {}}, "recipe": {"r18-p1": {
+        "backbone": "resnet18", "phase": "p1"}}}},
+     r"train\.recipe\.r18-p1: the key must be <backbone>-<phase>, i\.e\. resnet18-p1"),
+    ({"train": two_phase_train("resnet18", lr="fast")},
+     r"train\.recipe\.resnet18-p1\.lr: expected a number, got 'fast'"),
+    ({"train": two_phase_train("resnet18", speed=2)},
+     r"unknown key train\.recipe\.resnet18-p1\.speed; allowed keys .*backbone, phase, init, "
+     r"list, epochs"),
+    ({"train": {**two_phase_train("resnet18"), "recipe": {
+        "resnet18-p1": {"backbone": "resnet18", "phase": "p1", "init": "p2"},
+        "resnet18-p2": {"backbone": "resnet18", "phase": "p2", "init": "p1"}}}},
+     r"train\.recipe\.resnet18-p1\.init: 'p2', but the first phase of resnet18 must start "
+     r"from pretrained"),
+    ({"train": {**two_phase_train("resnet18"), "recipe": {
+        "resnet18-p1": {"backbone": "resnet18", "phase": "p1"},
+        "resnet18-p2": {"backbone": "resnet18", "phase": "p2", "init": "p1/epoch-12"}}}},
+     r"train\.recipe\.resnet18-p2\.init: epoch 12 is not within phase p1's 1\.\.11 \(its end "
+     r"is just 'p1'\)"),
+    ({"train": {**two_phase_train("resnet18"), "recipe": {
+        "resnet18-p1": {"backbone": "resnet18", "phase": "p1"},
+        "resnet18-p2": {"backbone": "resnet18", "phase": "p2", "init": "p1@2"}}}},
+     r"train\.recipe\.resnet18-p2\.init: 'p1@2' is not pretrained, <phase> or "
+     r"<phase>/epoch-<N>"),
+    ({"model": {"backbones": ["seresnet101_ibn_a"], "pretrained": True},
+      "train": two_phase_train("seresnet101_ibn_a")},
      r"model\.pretrained: timm has no ImageNet weights for seresnet101 \(model\.backbones\[0\] = "
      r"seresnet101_ibn_a\); set model\.weights_dir .*se_resnet101_ibn_a-fabed4e2\.pth"),
-], ids=["id_uniform-batch", "weights-too-many", "weights-too-few", "extract-phase",
-        "size-override-unlisted", "size-override-twice", "size-override-max-side",
-        "phase-size-max-side", "model-size-max-side", "shard-max-side", "phase-name",
-        "pretrained-ibn"])
+], ids=["id_uniform-batch", "id_uniform-batch-override", "weights-too-many", "weights-too-few",
+        "extract-phase", "override-size-max-side", "phase-size-max-side",
+        "model-size-max-side", "shard-max-side", "phase-name", "backbone-without-recipe",
+        "recipe-unknown-phase", "recipe-key", "override-type", "override-unknown-key",
+        "first-init", "init-epoch-range", "init-spelling", "pretrained-ibn"])
 def test_constraints_between_fields_name_the_key(raw, message):
     with pytest.raises(ParamsError, match=message):
         parse_params(raw)
 
 
 @pytest.mark.parametrize("raw", [
-    {"train": {"phases": [phase(sampler="id_uniform", batch=32, instances=4)]}},
-    {"train": {"phases": [phase(sampler="softmax", batch=30, instances=4)]}},
-    {"model": {"backbones": ["resnet18", "resnet34"]}, "retrieve": {"weights": [1.0, 0.5]}},
-    {"extract": {"phase": "p1"}},
+    {"train": two_phase_train("resnet18", p1={"sampler": "id_uniform", "batch": 32})},
+    {"train": two_phase_train("resnet18", p1={"sampler": "softmax", "batch": 30})},
     {"model": {"backbones": ["resnet18", "resnet34"]},
-     "train": {"phases": [phase(size=640, backbone_sizes=["resnet18=256", "resnet34=512"])]}},
+     "train": two_phase_train("resnet18", "resnet34"), "retrieve": {"weights": [1.0, 0.5]}},
+    {"extract": {"phase": "p1"}},
     {"model": {"size": 600}, "shard": {"max_side": 600}},
-    {"model": {"backbones": ["seresnet101_ibn_a"], "pretrained": True, "weights_dir": "w"}},
+    {"model": {"backbones": ["seresnet101_ibn_a"], "pretrained": True, "weights_dir": "w"},
+     "train": two_phase_train("seresnet101_ibn_a")},
 ], ids=["id_uniform-multiple", "softmax-any-batch", "weights-per-backbone", "extract-phase",
-        "phase-size-overridden-for-all", "max-side-raised", "ibn-with-weights-dir"])
+        "max-side-raised", "ibn-with-weights-dir"])
 def test_consistent_params_load(raw):
     parse_params(raw)
+
+
+def test_per_backbone_overrides_and_mid_phase_starts_resolve():
+    params = parse_params({"model": {"backbones": ["resnet18", "resnet34"]}, "train": {
+        "phases": {"p1": {"epochs": 6, "lr": 0.08}, "p2": {"list": "all", "lr": 0.008}},
+        "recipe": {
+            "resnet18-p1": {"backbone": "resnet18", "phase": "p1", "init": "pretrained"},
+            "resnet18-p2": {"backbone": "resnet18", "phase": "p2", "init": "p1/epoch-4"},
+            "resnet34-p1": {"backbone": "resnet34", "phase": "p1", "init": "pretrained",
+                            "size": 96, "arcface_s": 60, "arcface_m": 0.0},
+            "resnet34-p2": {"backbone": "resnet34", "phase": "p2", "init": "p1", "lr": 0.01}}}})
+    r18, r34 = params.plan("resnet18"), params.plan("resnet34")
+    assert [(p.name, p.init.phase, p.init.epoch) for p in r18] == [("p1", "pretrained", None),
+                                                                     ("p2", "p1", 4)]
+    assert r18[0].snapshots == (4,) and r18[1].snapshots == ()  # p1 keeps its epoch-4 model
+    assert r34[0].snapshots == ()
+    assert (r18[0].size, r34[0].size, r34[1].size) == (112, 96, 112)
+    assert (r34[0].settings.arcface_s, r34[0].settings.arcface_m) == (60.0, 0.0)
+    assert (r18[0].settings.arcface_s, r18[0].settings.arcface_m) == (30.0, 0.3)
+    assert (r18[1].settings.lr, r34[1].settings.lr) == (0.008, 0.01)
+    assert r18[1].init.folder == "p1/epoch-4"
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
@@ -170,16 +225,18 @@ def test_bad_backbone_names_the_key(names, message):
 
 
 def test_timm_resnet_family_names_are_backbones():
-    params = parse_params({"model": {"backbones": ["resnet18", "resnest14d", "resnet26d",
-                                                   "resnet50.a1_in1k"]}})
+    names = ["resnet18", "resnest14d", "resnet26d", "resnet50.a1_in1k"]
+    params = parse_params({"model": {"backbones": names}, "train": two_phase_train(*names)})
     assert params.model.backbones[1] == "resnest14d"
 
 
 def test_timm_name_without_timm_weights_needs_a_file_when_pretrained():
     with pytest.raises(ParamsError, match=r"model\.pretrained: timm has no ImageNet weights for "
                                           r"seresnet18 \(model\.backbones\[0\] = seresnet18\)"):
-        parse_params({"model": {"backbones": ["seresnet18"], "pretrained": True}})
-    parse_params({"model": {"backbones": ["resnet26d"], "pretrained": True}})
+        parse_params({"model": {"backbones": ["seresnet18"], "pretrained": True},
+                      "train": two_phase_train("seresnet18")})
+    parse_params({"model": {"backbones": ["resnet26d"], "pretrained": True},
+                  "train": two_phase_train("resnet26d")})
 
 
 def test_backbone_table_agrees_with_timm():
@@ -200,7 +257,7 @@ def test_a_timm_name_params_accept_builds(name):
 
     from glr.model import build_model, create_backbone
 
-    parse_params({"model": {"backbones": [name]}})
+    parse_params({"model": {"backbones": [name]}, "train": two_phase_train(name)})
     backbone, channels = create_backbone(name)
     with torch.no_grad():
         features = backbone.eval()(torch.randn(1, 3, 64, 64))

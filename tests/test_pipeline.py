@@ -44,7 +44,7 @@ def fresh_repo(tmp_path_factory) -> Path:
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["synth"].update(SMALL)
     params["model"]["size"] = 64
-    for phase in params["train"]["phases"]:
+    for phase in params["train"]["phases"].values():
         phase["epochs"] = 2
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _git("init", "-q", cwd=dest)
@@ -116,7 +116,7 @@ def test_a_killed_dvc_repro_leaves_nothing_running_and_the_next_one_goes_on(repr
     # The stages that had finished are not run again; the killed one and the rest are.
     for stage in ("synth", "prepare", "shard", "init@resnet18"):
         assert f"Stage '{stage}' didn't change, skipping" in second, second
-    assert "Running stage 'train@resnet18-phase0'" in second
+    assert "Running stage 'train@resnet18-p1'" in second
     assert "Running stage 'evaluate'" in second
 
 
@@ -155,8 +155,8 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(reproduced_repo):
 
 def test_dvc_dag_shows_the_stages(fresh_repo):
     dag = _dvc("dag", "--md", cwd=fresh_repo)
-    for stage in ("synth", "prepare", "shard", "init@resnet18", "train@resnet18-phase0",
-                  "train@resnet18-phase1", "extract@resnet18", "retrieve", "evaluate",
+    for stage in ("synth", "prepare", "shard", "init@resnet18", "train@resnet18-p1",
+                  "train@resnet18-p2", "extract@resnet18", "retrieve", "evaluate",
                   "visualize"):
         assert stage in dag
 

@@ -33,13 +33,102 @@ from glr.params import ContinentParams, Params, load_params, parse_params
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _weights_and_biases(lr: float) -> torch.optim.SGD:
+    """An optimizer shaped like train_phase's: a weight group at lr, a bias group at 2·lr."""
+    weight, bias = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    return torch.optim.SGD([{"params": [weight], "lr": lr}, {"params": [bias], "lr": 2 * lr}],
+                           lr=lr, momentum=0.9)
+
+
+def _lrs(optimizer: torch.optim.Optimizer) -> list[float]:
+    return [group["lr"] for group in optimizer.param_groups]
+
+
 def test_lr_warmup_then_cosine():
-    factors = [train.lr_factor(step, 4, 20) for step in range(20)]
-    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert factors[4] == 1.0 and factors[12] == pytest.approx(0.5)
-    assert factors[19] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 16)))
-    assert all(a >= b for a, b in itertools.pairwise(factors[4:]))
-    assert train.lr_factor(0, 0, 10) == 1.0  # no warmup
+    # lr 0.1 (biases 0.2), 10 epochs, 1 warmup epoch, 4 steps an epoch. By hand, from timm's
+    # formula with the authors' settings (start 0.01·lr = 0.001, floor 0.002·lr = 0.0002):
+    # warmup t < 1: 0.001 + t·(lr_g − 0.001); then 0.0002 + (lr_g − 0.0002)·(1 + cos(πt/10))/2.
+    optimizer = _weights_and_biases(0.1)
+    scheduler = train.make_scheduler(optimizer, 0.1, epochs=10, warmup_epochs=1.0)
+    assert _lrs(optimizer) == [0.001, 0.001]  # already set at construction
+
+    def lrs_at(epoch: int, step: int) -> list[float]:
+        scheduler.step(train.epoch_time(epoch, step, 4))
+        return _lrs(optimizer)
+
+    close = dict(rel=1e-12, abs=0)
+    assert lrs_at(0, 0) == pytest.approx([0.001, 0.001], **close)  # the start: 0.01·lr
+    assert lrs_at(0, 1) == pytest.approx([0.02575, 0.05075], **close)
+    assert lrs_at(0, 3) == pytest.approx([0.07525, 0.15025], **close)  # last warmup step
+    # end of warmup, t = 1: the cosine over all 10 epochs (no warmup prefix), cos(π/10)
+    assert lrs_at(1, 0) == pytest.approx([0.0975577201631282, 0.195110545977886], **close)
+    assert lrs_at(2, 2) == pytest.approx([0.0853846283812087, 0.170739967440536], **close)
+    assert lrs_at(5, 0) == pytest.approx([0.0501, 0.1001], **close)  # mid-run, cos(π/2) = 0
+    # the last iteration, t = 9.75: cos(0.975π) = −0.996917333733128
+    assert lrs_at(9, 3) == pytest.approx([0.000353825046716914, 0.000507958360060515], **close)
+    scheduler.step(10.0)  # the end, t = T: the floor 0.002·lr, the same for the bias group
+    assert _lrs(optimizer) == pytest.approx([0.0002, 0.0002], **close)
+
+
+def test_lr_without_warmup_starts_at_each_groups_lr():
+    # the authors' phases 2-4 (warmup 0): lr 0.008, biases 0.016, 4 epochs
+    optimizer = _weights_and_biases(0.008)
+    scheduler = train.make_scheduler(optimizer, 0.008, epochs=4, warmup_epochs=0.0)
+    assert _lrs(optimizer) == [0.008, 0.016]
+    close = dict(rel=1e-12, abs=0)
+    scheduler.step(train.epoch_time(0, 0, 10))
+    assert _lrs(optimizer) == pytest.approx([0.008, 0.016], **close)
+    scheduler.step(train.epoch_time(2, 0, 10))  # 0.000016 + (lr_g − 0.000016)/2
+    assert _lrs(optimizer) == pytest.approx([0.004008, 0.008008], **close)
+    scheduler.step(train.epoch_time(3, 9, 10))  # t = 3.9: cos(0.975π) again
+    assert _lrs(optimizer) == pytest.approx([2.83060037373531e-05, 4.06366688048412e-05], **close)
+    scheduler.step(4.0)
+    assert _lrs(optimizer) == pytest.approx([0.000016, 0.000016], **close)
+
+
+@pytest.mark.parametrize("warmup", [1.0, 0.5, 0.0])
+def test_lr_per_iteration_is_the_authors(warmup):
+    """Every iteration's LR: the authors' loop (step after iteration n of 1-based epoch E to
+    E + (n + 1)/L − 1) and the closed form give the LRs that train_phase sets before it."""
+    lr, epochs, steps = 0.08, 3, 5
+    ours, theirs = _weights_and_biases(lr), _weights_and_biases(lr)
+    our_scheduler = train.make_scheduler(ours, lr, epochs, warmup)
+    their_scheduler = train.make_scheduler(theirs, lr, epochs, warmup)
+    seen = []
+    for epoch in range(1, epochs + 1):
+        for n_iter in range(steps):
+            our_scheduler.step(train.epoch_time(epoch - 1, n_iter, steps))
+            t = epoch - 1 + n_iter / steps
+            for group_lr, ours_lr, theirs_lr in zip((lr, 2 * lr), _lrs(ours), _lrs(theirs),
+                                                     strict=True):
+                if t < warmup:
+                    expected = 0.01 * lr + t / warmup * (group_lr - 0.01 * lr)
+                else:
+                    expected = 0.002 * lr + (group_lr - 0.002 * lr) * (
+                        1 + math.cos(math.pi * t / epochs)) / 2
+                assert ours_lr == pytest.approx(expected, rel=1e-12, abs=0)
+                assert ours_lr == pytest.approx(theirs_lr, rel=1e-12, abs=0)
+            seen.append(_lrs(ours)[0])
+            their_scheduler.step(epoch + float(n_iter + 1) / steps - 1)
+    after_warmup = seen[math.ceil(warmup * steps):]
+    assert all(a > b for a, b in itertools.pairwise(after_warmup))
+
+
+def test_lr_schedule_resumes_from_a_checkpoint(tmp_path):
+    optimizer = _weights_and_biases(0.05)
+    scheduler = train.make_scheduler(optimizer, 0.05, epochs=3, warmup_epochs=1.0)
+    scheduler.step(train.epoch_time(0, 3, 4))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               tmp_path / "checkpoint.pt")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # as train.try_resume
+    resumed = _weights_and_biases(0.05)
+    resumed_scheduler = train.make_scheduler(resumed, 0.05, epochs=3, warmup_epochs=1.0)
+    resumed.load_state_dict(state["optimizer"])
+    resumed_scheduler.load_state_dict(state["scheduler"])
+    for epoch, step in [(1, 0), (1, 3), (2, 2)]:
+        scheduler.step(train.epoch_time(epoch, step, 4))
+        resumed_scheduler.step(train.epoch_time(epoch, step, 4))
+        assert _lrs(resumed) == _lrs(optimizer)
 
 
 def _manifest(continent, clean, samples):
@@ -84,19 +173,24 @@ def test_continent_sampler_proportions_over_100k_draws():
 # --------------------------------------------------------------------------- real runs
 
 
-def tiny_params(base: Params, **train_changes) -> Params:
-    """resnet10t at 32 px, 2 phases of 2 epochs on the small shards; fp32 for determinism."""
+def tiny_params(base: Params, p2_init: str = "p1", **train_changes) -> Params:
+    """resnet10t at 32 px, phases of 3 and 1 epochs on the small shards; fp32 for
+    determinism."""
     raw = {
         "data": dataclasses.asdict(base.data), "shard": dataclasses.asdict(base.shard),
         "model": {"backbones": ["resnet10t"], "size": 32, "embedding_dim": 32},
         "train": {"workers": 0, "checkpoint_every": 1, "precision": "fp32",
                   "shuffle_buffer": 50,
-                  "phases": [
-                      {"index": 0, "name": "p1", "init": "pretrained", "list": "clean",
-                       "epochs": 3, "lr": 0.05, "batch": 8, "warmup_epochs": 1.0, "pad": 2},
-                      {"index": 1, "name": "p2", "init": "p1", "list": "all", "epochs": 1,
-                       "lr": 0.01, "batch": 8, "warmup_epochs": 0.0, "pad": 2,
-                       "sampler": "continent"}]},
+                  "phases": {
+                      "p1": {"list": "clean", "epochs": 3, "lr": 0.05, "batch": 8,
+                             "warmup_epochs": 1.0, "pad": 2},
+                      "p2": {"list": "all", "epochs": 1, "lr": 0.01, "batch": 8,
+                             "warmup_epochs": 0.0, "pad": 2, "sampler": "continent"}},
+                  "recipe": {
+                      "resnet10t-p1": {"backbone": "resnet10t", "phase": "p1",
+                                       "init": "pretrained"},
+                      "resnet10t-p2": {"backbone": "resnet10t", "phase": "p2",
+                                       "init": p2_init}}},
     }
     raw["train"].update(train_changes)
     return parse_params(raw)
@@ -126,7 +220,8 @@ def test_two_phases_grow_the_classifier_and_write_models(small_pipeline, shard_d
                              for g in lists[name]) for name in ("clean", "all")}
     assert p1["head.weight"].shape[0] == classes["clean"]
     assert p2_model.head.weight.shape[0] == classes["all"] > classes["clean"]
-    assert config["phase"]["list"] == "all" and config["size"] == 32
+    assert config["phase"] == "p2" and config["settings"]["list"] == "all"
+    assert config["size"] == 32
     history = (tmp_path / "metrics/p1.tsv").read_text().splitlines()
     assert history[0].split("\t") == ["epoch", "loss", "top1", "lr"]
     assert len(history) == 4  # header + 3 epochs
@@ -263,8 +358,32 @@ def test_recipes_load_and_their_models_run(recipe):
 
 def test_repo_params_phases_chain():
     params = load_params(REPO / "params.yaml")
-    assert [p.init for p in params.train.phases] == ["pretrained", "p1"]
-    assert params.train.phases[1].sampler == "continent"
+    plan = params.plan("resnet18")
+    assert [(p.name, p.init.folder) for p in plan] == [("p1", "pretrained"), ("p2", "p1")]
+    assert plan[1].settings.sampler == "continent"
+
+
+def test_a_phase_can_start_from_an_epoch_of_another(small_pipeline, shard_dir, tmp_path):
+    """p2 starts from p1's epoch 2: p1 keeps that epoch's model as models/<b>/p1/epoch-2/
+    (an output of its stage), and p2 loads it."""
+    params = tiny_params(small_pipeline[0], p2_init="p1/epoch-2")
+    train.init_main(params, "resnet10t", tmp_path / "models")
+    run_phase(params, shard_dir, tmp_path, "p1")
+    folder = tmp_path / "models/resnet10t/p1"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "epoch-2",
+                                                        "model.safetensors"]
+    snapshot, config = load_model(folder / "epoch-2")
+    final, _ = load_model(folder)
+    assert config["final"]["epoch"] == 2
+    assert not torch.equal(snapshot.head.weight, final.head.weight)
+    plan = train.plan_phase(params, "resnet10t", "p2", shard_dir, tmp_path / "models",
+                            tmp_path / "runs", world=1)
+    assert plan.init_dir == folder / "epoch-2"
+    run_phase(params, shard_dir, tmp_path, "p2")
+    _, p2_config = load_model(tmp_path / "models/resnet10t/p2")
+    assert p2_config["init"] == str(folder / "epoch-2")
+    # a phase nothing starts from mid-way keeps no snapshot
+    assert not list((tmp_path / "models/resnet10t/p2").glob("epoch-*"))
 
 
 def test_rerun_of_a_finished_phase_restores_its_outputs(small_pipeline, shard_dir, tmp_path,
@@ -292,9 +411,11 @@ def test_rerun_of_a_finished_phase_restores_its_outputs(small_pipeline, shard_di
 
 def test_a_size_above_the_shards_max_side_is_a_clear_error(small_pipeline, shard_dir, tmp_path):
     params = tiny_params(small_pipeline[0])
-    phase = dataclasses.replace(params.train.phases[0], size=1024)
+    # params allow it when shard.max_side is raised, but these shards were cut at 512
+    phases = {**params.train.phases,
+              "p1": dataclasses.replace(params.train.phases["p1"], size=1024)}
     params = dataclasses.replace(params, train=dataclasses.replace(params.train,
-                                                                   phases=[phase]))
+                                                                   phases=phases))
     with pytest.raises(shards.ShardError, match=r"1024 px .*shard\.max_side = 512"):
         train.plan_phase(params, "resnet10t", "p1", shard_dir, tmp_path, tmp_path, world=1)
 

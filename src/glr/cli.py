@@ -113,6 +113,41 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     log.info("wrote %s", path)
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    import json
+
+    params = load_params(args.params)
+    plan = {backbone: {phase.name: plan_row(phase) for phase in params.plan(backbone)}
+            for backbone in params.model.backbones}
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return
+    columns = ["backbone", "phase", *PLAN_COLUMNS]
+    rows = [[backbone, phase, *(_plan_cell(row[c]) for c in PLAN_COLUMNS)]
+            for backbone, phases in plan.items() for phase, row in phases.items()]
+    widths = [max(len(str(v)) for v in column) for column in zip(columns, *rows, strict=True)]
+    for row in [columns, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+PLAN_COLUMNS = ("list", "size", "pad", "batch", "epochs", "lr", "weight_decay", "warmup_epochs",
+                "sampler", "arcface_s", "arcface_m", "init")
+
+
+def plan_row(phase) -> dict:
+    """One backbone's phase as `glr plan --json` prints it."""
+    settings = phase.settings
+    row = {name: getattr(settings, name) for name in PLAN_COLUMNS if name != "init"}
+    row["init"] = {"phase": phase.init.phase, "epoch": phase.init.epoch}
+    return row
+
+
+def _plan_cell(value) -> str:
+    if isinstance(value, dict):
+        return value["phase"] + ("" if value["epoch"] is None else f" @ epoch {value['epoch']}")
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def cmd_bench_prepare(args: argparse.Namespace) -> None:
     from glr.bench import prepare as bench_prepare
 
@@ -211,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "RUNS/<backbone>/<phase>/ (TensorBoard logs, checkpoint).")
     _add_params(train)
     train.add_argument("--backbone", required=True, help="one of params model.backbones")
-    train.add_argument("--phase", required=True, help="a phase name of params train.phases")
+    train.add_argument("--phase", required=True,
+                       help="a phase of the backbone in params train.recipe (e.g. p1)")
     train.add_argument("--shards", type=Path, default=Path("data/shards"),
                        help="shard folder (default: %(default)s)")
     train.add_argument("--models", type=Path, default=Path("models"),
@@ -295,6 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--queries", type=int, default=8, help="rows (default: %(default)s)")
     vis.add_argument("--top", type=int, default=8, help="results per row (default: 8)")
     vis.set_defaults(func=cmd_visualize)
+
+    plan = stages.add_parser(
+        "plan", help="print the resolved training plan: every backbone's phases",
+        description="Resolve params train.phases (defaults per phase) and train.recipe "
+                    "(per backbone: where a phase starts, what it changes) into the settings "
+                    "each backbone trains with, in order: list, size, pad, batch, epochs, lr, "
+                    "weight_decay, warmup_epochs, sampler, arcface_s, arcface_m, init. Check a "
+                    "recipe with it before spending GPU days on it. Reads: params only.")
+    _add_params(plan)
+    plan.add_argument("--json", action="store_true",
+                      help='JSON: {"<backbone>": {"<phase>": {...}}}; init is {"phase": name '
+                           'or "pretrained", "epoch": N or null}')
+    plan.set_defaults(func=cmd_plan)
 
     bench = stages.add_parser("bench", help="benchmarks (results written to files)")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="<benchmark>")

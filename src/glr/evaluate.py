@@ -47,7 +47,8 @@ def contaminated(params: Params) -> bool:
     `all` (so an `all` phase trains on them) and in the reference set with their labels (so
     the rerank tags each query with its own ground-truth label)."""
     return (not params.prepare.holdout_val_queries
-            and (any(p.list == "all" for p in params.train.phases) or params.retrieve.rerank))
+            and (any(phase.settings.list == "all" for backbone in params.model.backbones
+                     for phase in params.plan(backbone)) or params.retrieve.rerank))
 
 
 def _write(path: Path, text: str) -> None:

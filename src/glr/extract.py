@@ -162,8 +162,9 @@ def assemble(parts: Path, num_shards: int, out_npy: Path, out_table: Path,
     return sum(counts)
 
 
-def last_phase(params: Params) -> str:
-    return params.train.phases[-1].name
+def last_phase(params: Params, backbone: str) -> str:
+    """The phase whose model `extract` uses by default: the backbone's last one."""
+    return params.plan(backbone)[-1].name
 
 
 def main(params: Params, backbone: str, shard_dir: Path, models_dir: Path, out_dir: Path,
@@ -173,8 +174,9 @@ def main(params: Params, backbone: str, shard_dir: Path, models_dir: Path, out_d
         relaunch_under_torchrun(settings.processes, argv)
     env = setup_distributed()
     try:
+        phase = phase or settings.phase or last_phase(params, backbone)
         return _extract(params, backbone, Path(shard_dir), Path(models_dir), Path(out_dir),
-                        Path(runs_dir), phase or settings.phase or last_phase(params), env)
+                        Path(runs_dir), phase, env)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

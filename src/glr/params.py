@@ -149,10 +149,17 @@ class ModelParams:
     weights_dir: str | None = _spec(
         None, help="folder with <backbone>.pth ImageNet weights (e.g. the IBN-Net releases); "
                    "a backbone without a file there falls back to timm when `pretrained`")
+    skip_fc_keys: list[str] = _spec(
+        [], help="backbones whose weights file loads without any key containing 'fc' (the "
+                 "authors' SE-ResNet101-IBN-a loader: its SE layers then start random)")
 
     def validate(self, prefix: str) -> None:
         if not self.backbones:
             raise ParamsError(f"{prefix}.backbones: at least one backbone is needed")
+        for name in self.skip_fc_keys:
+            if name not in self.backbones:
+                raise ParamsError(f"{prefix}.skip_fc_keys: {name!r} is not in "
+                                  f"{prefix}.backbones ({', '.join(self.backbones)})")
         if len(set(self.backbones)) != len(self.backbones):
             raise ParamsError(f"{prefix}.backbones: names must be unique, got {self.backbones}")
 
@@ -162,53 +169,90 @@ SamplerName = Literal["softmax", "id_uniform", "continent"]
 FIRST_INIT = "pretrained"
 # A phase name is a folder under models/<backbone>/ and a word of `glr train --phase`.
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# `init` of a recipe entry: `pretrained`, a phase (its end) or `<phase>/epoch-<N>`.
+INIT_REF = re.compile(r"(?P<phase>[A-Za-z0-9][A-Za-z0-9_.-]*)(?:/epoch-(?P<epoch>[0-9]+))?")
 
 
 @dataclass(frozen=True)
 class PhaseParams:
-    """One training phase of every backbone (one DVC stage per backbone and phase)."""
+    """The settings of one training phase: `train.phases.<name>` holds the defaults of every
+    backbone, `train.recipe.<backbone>-<name>` overrides any of them for one backbone."""
 
-    index: int = _spec(0, min=0, help="position in train.phases (DVC tracks params by index)")
-    name: str = _spec("p1", help="models/<backbone>/<name>/ holds the result")
-    init: str = _spec(FIRST_INIT, help="the phase this one starts from; 'pretrained' first")
     list: ListName = _spec("clean", help="training list: clean | c2x | full | all")
     epochs: int = _spec(12, min=1)
     lr: float = _spec(0.1, min=0.0, max=10.0, help="base learning rate")
     batch: int = _spec(32, min=1, help="images per process and step")
-    weight_decay: float = _spec(5e-4, min=0.0, max=1.0)
+    weight_decay: float = _spec(5e-4, min=0.0, max=1.0, help="also the biases' weight decay")
     warmup_epochs: float = _spec(1.0, min=0.0, help="linear warmup, counted in epochs")
     sampler: SamplerName = _spec("softmax", help="softmax | id_uniform | continent")
     instances: int = _spec(4, min=1, help="id_uniform: K images per label in a batch")
     pad: int = _spec(5, min=0, help="pad before the random crop")
-    size: int | None = _spec(None, min=32, max=2048, help="overrides model.size")
-    backbone_sizes: list[str] = _spec(
-        [], help="per-backbone size overrides as 'backbone=size' (ResNeSt269: 448 in phases 1-2)")
+    size: int | None = _spec(None, min=32, max=2048, help="input size; null: model.size")
+    arcface_s: float | None = _spec(None, min=1.0, max=128.0, help="null: model.arcface_s")
+    arcface_m: float | None = _spec(None, min=0.0, max=1.5, help="null: model.arcface_m")
+    checkpoint_every: int | None = _spec(None, min=1,
+                                         help="epochs between checkpoints; null: train's")
 
     def validate(self, prefix: str) -> None:
-        if not FOLDER_NAME.fullmatch(self.name):
-            raise ParamsError(f"{prefix}.name: {self.name!r} is not a folder name (letters, "
-                              "digits, '_', '-', '.'; models/<backbone>/<name>/ holds the phase)")
-        named: list[str] = []
-        for entry in self.backbone_sizes:
-            name, _, size = entry.partition("=")
-            if not name or not size.isdigit() or not 32 <= int(size) <= 2048:
-                raise ParamsError(f"{prefix}.backbone_sizes: {entry!r} is not "
-                                  "'backbone=size' with 32 <= size <= 2048")
-            if name in named:
-                raise ParamsError(f"{prefix}.backbone_sizes: {name} is given twice")
-            named.append(name)
         if self.sampler == "id_uniform" and self.batch % self.instances:
             raise ParamsError(f"{prefix}.batch: {self.batch} is not a multiple of "
                               f"{prefix}.instances ({self.instances}); the id_uniform sampler "
                               "builds batches of P labels x K instances")
 
-    def size_for(self, backbone: str, default: int) -> int:
-        """The input size of this phase for `backbone`."""
-        for entry in self.backbone_sizes:
-            name, _, size = entry.partition("=")
-            if name == backbone:
-                return int(size)
-        return self.size or default
+
+PHASE_SETTINGS = tuple(f.name for f in dataclasses.fields(PhaseParams))
+
+
+@dataclass(frozen=True)
+class RecipeEntry:
+    """`train.recipe.<backbone>-<phase>`: one DVC stage `train@<backbone>-<phase>`.
+
+    It names its backbone and phase, where it starts (`init`), and overrides any setting of
+    the phase's defaults for this backbone (`lr: 0.05`, `size: 448`, ...).
+    """
+
+    backbone: str = _spec("", help="a name of model.backbones")
+    phase: str = _spec("", help="a name of train.phases")
+    init: str = _spec(FIRST_INIT, help="pretrained | <phase> (its end) | <phase>/epoch-<N>")
+    overrides: dict[str, Any] = field(default_factory=dict)  # the phase settings it changes
+
+
+@dataclass(frozen=True)
+class Init:
+    """Where a phase starts: `pretrained`, or another phase's model at its end (epoch None)
+    or after epoch N."""
+
+    phase: str
+    epoch: int | None = None
+
+    @property
+    def folder(self) -> str:
+        """The model folder under models/<backbone>/ (also the DVC dependency)."""
+        return self.phase if self.epoch is None else f"{self.phase}/epoch-{self.epoch}"
+
+
+def parse_init(text: str) -> Init:
+    match = INIT_REF.fullmatch(text)
+    if match is None:
+        raise ValueError(text)
+    epoch = match.group("epoch")
+    return Init(match.group("phase"), None if epoch is None else int(epoch))
+
+
+@dataclass(frozen=True)
+class ResolvedPhase:
+    """One backbone's phase with every setting resolved (what `glr plan` prints)."""
+
+    backbone: str
+    name: str
+    settings: PhaseParams  # size, arcface_s, arcface_m, checkpoint_every filled in
+    init: Init
+    snapshots: tuple[int, ...] = ()  # epochs whose models a later phase starts from
+
+    @property
+    def size(self) -> int:
+        assert self.settings.size is not None
+        return self.settings.size
 
 
 @dataclass(frozen=True)
@@ -232,15 +276,21 @@ class ContinentParams:
             raise ParamsError(f"{prefix}: continent probabilities must sum to 1, got {total:g}")
 
 
-def _default_phases() -> list[PhaseParams]:
-    return [PhaseParams(),
-            PhaseParams(index=1, name="p2", init="p1", list="all", epochs=4, lr=0.01,
-                        warmup_epochs=0.0, sampler="continent")]
+def _default_phases() -> dict[str, PhaseParams]:
+    return {"p1": PhaseParams(),
+            "p2": PhaseParams(list="all", epochs=4, lr=0.01, warmup_epochs=0.0,
+                              sampler="continent")}
+
+
+def _default_recipe() -> dict[str, RecipeEntry]:
+    return {"resnet18-p1": RecipeEntry(backbone="resnet18", phase="p1", init=FIRST_INIT),
+            "resnet18-p2": RecipeEntry(backbone="resnet18", phase="p2", init="p1")}
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    """The training recipe: phases in order, each starting from the one named in `init`."""
+    """The training recipe: phases (defaults, in training order) and, per backbone and
+    phase, a recipe entry (where it starts, what it changes)."""
 
     seed: int = _spec(0, min=0)
     processes: int = _spec(1, min=1, max=1024,
@@ -252,30 +302,54 @@ class TrainParams:
         "auto", help="auto: fp16 + GradScaler on CUDA, bf16 autocast on a CPU with native "
                      "bfloat16 (AMX, AVX-512 BF16), fp32 on other CPUs; fp32: no autocast")
     continent: ContinentParams = field(default_factory=ContinentParams)
-    phases: list[PhaseParams] = field(default_factory=_default_phases)
+    phases: dict[str, PhaseParams] = field(default_factory=_default_phases)
+    recipe: dict[str, RecipeEntry] = field(default_factory=_default_recipe)
 
     def validate(self, prefix: str) -> None:
-        names: list[str] = []
-        for position, phase in enumerate(self.phases):
-            key = f"{prefix}.phases[{position}]"
-            if phase.index != position:
-                raise ParamsError(f"{key}.index: must be {position} (its position in the list)")
-            if phase.name in names or phase.name == FIRST_INIT:
-                raise ParamsError(f"{key}.name: {phase.name!r} is used twice or reserved")
-            allowed = [FIRST_INIT, *names] if position == 0 else names
-            if phase.init not in allowed:
-                raise ParamsError(f"{key}.init: {phase.init!r} is not an earlier phase; "
-                                  f"allowed: {', '.join(allowed)}")
-            names.append(phase.name)
         if not self.phases:
             raise ParamsError(f"{prefix}.phases: at least one phase is needed")
+        for name in self.phases:
+            if not FOLDER_NAME.fullmatch(name) or name == FIRST_INIT:
+                raise ParamsError(f"{prefix}.phases.{name}: not a phase name (letters, digits, "
+                                  "'_', '-', '.'; not 'pretrained'): models/<backbone>/<name>/ "
+                                  "holds the phase")
+        for key, entry in self.recipe.items():
+            where = f"{prefix}.recipe.{key}"
+            if entry.phase not in self.phases:
+                raise ParamsError(f"{where}.phase: {entry.phase!r} is not in {prefix}.phases "
+                                  f"({', '.join(self.phases)})")
+            if key != f"{entry.backbone}-{entry.phase}":
+                raise ParamsError(f"{where}: the key must be <backbone>-<phase>, i.e. "
+                                  f"{entry.backbone}-{entry.phase} (it names the DVC stage)")
+            try:
+                parse_init(entry.init)
+            except ValueError:
+                raise ParamsError(f"{where}.init: {entry.init!r} is not pretrained, <phase> or "
+                                  "<phase>/epoch-<N>") from None
+            _resolve_settings(self.phases[entry.phase], entry.overrides, where)
 
-    def phase(self, name: str) -> PhaseParams:
-        for phase in self.phases:
-            if phase.name == name:
-                return phase
-        raise ParamsError(f"train.phases: no phase named {name!r}; phases: "
-                          f"{', '.join(p.name for p in self.phases)}")
+    def entries_of(self, backbone: str) -> list[RecipeEntry]:
+        """The recipe entries of `backbone`, in the order of train.phases."""
+        order = {name: i for i, name in enumerate(self.phases)}
+        return sorted((e for e in self.recipe.values() if e.backbone == backbone),
+                      key=lambda e: order[e.phase])
+
+
+def _resolve_settings(defaults: PhaseParams, overrides: dict[str, Any], where: str
+                      ) -> PhaseParams:
+    """The phase's defaults with a recipe entry's overrides, each checked like the default."""
+    hints = typing.get_type_hints(PhaseParams, localns={})
+    fields = {f.name: f for f in dataclasses.fields(PhaseParams)}
+    values = {}
+    for name, value in overrides.items():
+        if name not in fields:
+            raise ParamsError(f"unknown key {where}.{name}; allowed keys in {where}: backbone, "
+                              f"phase, init, {', '.join(PHASE_SETTINGS)}")
+        values[name] = _convert(f"{where}.{name}", value, hints[name],
+                                dict(fields[name].metadata))
+    settings = dataclasses.replace(defaults, **values)
+    settings.validate(where)
+    return settings
 
 
 @dataclass(frozen=True)
@@ -326,16 +400,84 @@ class Params:
     def validate(self, prefix: str) -> None:
         """What the stages assume of each other's params, checked before any of them runs."""
         _check_backbones(self.model)
+        _check_recipe(self)
         _check_sizes(self)
-        phases = [phase.name for phase in self.train.phases]
-        if self.extract.phase is not None and self.extract.phase not in phases:
-            raise ParamsError(f"extract.phase: {self.extract.phase!r} is not a phase of "
-                              f"train.phases; phases: {', '.join(phases)}")
+        if self.extract.phase is not None:
+            for backbone in self.model.backbones:
+                if f"{backbone}-{self.extract.phase}" not in self.train.recipe:
+                    raise ParamsError(f"extract.phase: {backbone} has no phase "
+                                      f"{self.extract.phase!r} in train.recipe")
         weights, backbones = self.retrieve.weights, self.model.backbones
         if weights and len(weights) != len(backbones):
             raise ParamsError(f"retrieve.weights: {len(weights)} value(s) for {len(backbones)} "
                               f"backbone(s) in model.backbones ({', '.join(backbones)}); give "
                               "one weight per backbone, or [] for 1.0 each")
+
+
+    def plan(self, backbone: str) -> list[ResolvedPhase]:
+        """`backbone`'s phases in training order, every setting resolved."""
+        entries = self.train.entries_of(backbone)
+        snapshots: dict[str, set[int]] = {}
+        for entry in entries:
+            init = parse_init(entry.init)
+            if init.epoch is not None:
+                snapshots.setdefault(init.phase, set()).add(init.epoch)
+        plan = []
+        for entry in entries:
+            settings = _resolve_settings(self.train.phases[entry.phase], entry.overrides,
+                                         f"train.recipe.{entry.backbone}-{entry.phase}")
+            settings = dataclasses.replace(
+                settings, size=settings.size or self.model.size,
+                arcface_s=(self.model.arcface_s if settings.arcface_s is None
+                           else settings.arcface_s),
+                arcface_m=(self.model.arcface_m if settings.arcface_m is None
+                           else settings.arcface_m),
+                checkpoint_every=settings.checkpoint_every or self.train.checkpoint_every)
+            plan.append(ResolvedPhase(backbone=backbone, name=entry.phase, settings=settings,
+                                      init=parse_init(entry.init),
+                                      snapshots=tuple(sorted(snapshots.get(entry.phase, ())))))
+        return plan
+
+    def phase_plan(self, backbone: str, phase: str) -> ResolvedPhase:
+        for resolved in self.plan(backbone):
+            if resolved.name == phase:
+                return resolved
+        raise ParamsError(f"train.recipe: {backbone} has no phase {phase!r}; its phases: "
+                          f"{', '.join(p.name for p in self.plan(backbone)) or 'none'}")
+
+
+def _check_recipe(params: Params) -> None:
+    """Every backbone has a chain of phases: the first starts from `pretrained`, each later
+    one from an earlier phase of the same backbone (its end, or an epoch it reaches)."""
+    backbones = params.model.backbones
+    for key, entry in params.train.recipe.items():
+        if entry.backbone not in backbones:
+            raise ParamsError(f"train.recipe.{key}.backbone: {entry.backbone!r} is not in "
+                              f"model.backbones ({', '.join(backbones)})")
+    for backbone in backbones:
+        entries = params.train.entries_of(backbone)
+        if not entries:
+            raise ParamsError(f"train.recipe: no entry for backbone {backbone} (add "
+                              f"{backbone}-<phase> entries, e.g. "
+                              f"{backbone}-{next(iter(params.train.phases))})")
+        trained: dict[str, int] = {}
+        for position, entry in enumerate(entries):
+            key = f"train.recipe.{backbone}-{entry.phase}.init"
+            init = parse_init(entry.init)
+            if position == 0:
+                if entry.init != FIRST_INIT:
+                    raise ParamsError(f"{key}: {entry.init!r}, but the first phase of "
+                                      f"{backbone} must start from pretrained")
+            elif init.phase not in trained:
+                raise ParamsError(f"{key}: {entry.init!r} is not an earlier phase of "
+                                  f"{backbone} ({', '.join(trained) or 'none'})")
+            elif init.epoch is not None and not 1 <= init.epoch < trained[init.phase]:
+                raise ParamsError(f"{key}: epoch {init.epoch} is not within phase "
+                                  f"{init.phase}'s 1..{trained[init.phase] - 1} (its end is "
+                                  f"just '{init.phase}')")
+            settings = _resolve_settings(params.train.phases[entry.phase], entry.overrides,
+                                         f"train.recipe.{backbone}-{entry.phase}")
+            trained[entry.phase] = settings.epochs
 
 
 def _check_backbones(model: ModelParams) -> None:
@@ -369,28 +511,19 @@ def _check_backbones(model: ModelParams) -> None:
 
 
 def _check_sizes(params: Params) -> None:
-    """Training and extraction sizes fit in the shards' images (shard.max_side), and per-backbone
-    sizes name backbones of model.backbones."""
+    """Training and extraction sizes fit in the shards' images (shard.max_side)."""
     max_side = params.shard.max_side
     advice = (f"the shards keep at most shard.max_side = {max_side} px; raise shard.max_side "
               "(and rerun the shard stage) or lower the size")
     if params.model.size > max_side:
         raise ParamsError(f"model.size: {params.model.size} is above shard.max_side: {advice}")
-    backbones = params.model.backbones
-    for position, phase in enumerate(params.train.phases):
-        key = f"train.phases[{position}]"
-        for entry in phase.backbone_sizes:
-            name, _, size = entry.partition("=")
-            if name not in backbones:
-                raise ParamsError(f"{key}.backbone_sizes: {entry!r} names {name}, which is not "
-                                  f"in model.backbones ({', '.join(backbones)})")
-            if int(size) > max_side:
-                raise ParamsError(f"{key}.backbone_sizes: {entry!r} is above shard.max_side: "
-                                  f"{advice}")
-        overridden = {entry.partition("=")[0] for entry in phase.backbone_sizes}
-        uses_phase_size = any(backbone not in overridden for backbone in backbones)
-        if phase.size is not None and phase.size > max_side and uses_phase_size:
-            raise ParamsError(f"{key}.size: {phase.size} is above shard.max_side: {advice}")
+    for backbone in params.model.backbones:
+        for phase in params.plan(backbone):
+            if phase.size > max_side:
+                where = (f"train.recipe.{backbone}-{phase.name}.size"
+                         if "size" in params.train.recipe[f"{backbone}-{phase.name}"].overrides
+                         else f"train.phases.{phase.name}.size")
+                raise ParamsError(f"{where}: {phase.size} is above shard.max_side: {advice}")
 
 
 # --------------------------------------------------------------------------- validation
@@ -404,6 +537,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin is list:
         return f"list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(get_args(tp)[1])}"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -438,6 +573,12 @@ def _convert(key: str, value: Any, tp: Any, meta: dict) -> Any:
             raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         (item_tp,) = get_args(tp)
         return [_convert(f"{key}[{i}]", v, item_tp, meta) for i, v in enumerate(value)]
+    if origin is dict:  # a mapping by name (train.phases, train.recipe), in file order
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key}: expected a mapping of names, got {value!r}")
+        _, item_tp = get_args(tp)
+        return {str(name): _convert(f"{key}.{name}", item, item_tp, meta)
+                for name, item in value.items()}
     if dataclasses.is_dataclass(tp):
         return _build(key, value, tp)
     if tp is bool:
@@ -471,6 +612,11 @@ def _build(prefix: str, raw: Any, cls: type) -> Any:
         raise ParamsError(f"{prefix or 'params'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls, localns={})  # a field named `list` must not shadow it
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if cls is RecipeEntry:  # its other keys override phase settings (checked against them)
+        raw = {**{k: v for k, v in raw.items() if k in fields},
+               "overrides": {k: v for k, v in raw.items() if k not in fields}}
+        fields.pop("overrides")
+        overrides = raw.pop("overrides")
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
@@ -482,6 +628,8 @@ def _build(prefix: str, raw: Any, cls: type) -> Any:
         if name in raw:
             key = f"{prefix}.{name}" if prefix else name
             values[name] = _convert(key, raw[name], hints[name], dict(spec.metadata))
+    if cls is RecipeEntry:
+        values["overrides"] = overrides
     obj = cls(**values)
     validate = getattr(obj, "validate", None)
     if validate is not None:

@@ -21,14 +21,15 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
@@ -53,9 +54,13 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- starting weights
 
 
-def _model_kwargs(params: ModelParams) -> dict:
+def _model_kwargs(params: ModelParams, phase: PhaseParams | None = None) -> dict:
+    """build_model's keywords: the model params, with a phase's own ArcFace s and m."""
+    s = phase.arcface_s if phase is not None and phase.arcface_s is not None else None
+    m = phase.arcface_m if phase is not None and phase.arcface_m is not None else None
     return {"embedding_dim": params.embedding_dim, "gem_p": params.gem_p,
-            "arcface_s": params.arcface_s, "arcface_m": params.arcface_m}
+            "arcface_s": params.arcface_s if s is None else s,
+            "arcface_m": params.arcface_m if m is None else m}
 
 
 def init_main(params: Params, backbone: str, models_dir: Path) -> Path:
@@ -81,6 +86,7 @@ def init_main(params: Params, backbone: str, models_dir: Path) -> Path:
             weights = None  # this backbone falls back to timm's weights
     model = build_model(backbone, 1, pretrained=params.model.pretrained and weights is None,
                         pretrained_path=str(weights) if weights else None,
+                        skip_fc_keys=weights is not None and backbone in params.model.skip_fc_keys,
                         **_model_kwargs(params.model))
     source = str(weights) if weights else ("timm" if params.model.pretrained else "random")
     folder = Path(models_dir) / backbone / FIRST_INIT
@@ -93,12 +99,29 @@ def init_main(params: Params, backbone: str, models_dir: Path) -> Path:
 # --------------------------------------------------------------------------- schedule
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup from ~0 to 1 over `warmup_steps`, then cosine decay to 0 at the end."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def make_scheduler(optimizer: torch.optim.Optimizer, lr: float, epochs: int,
+                   warmup_epochs: float) -> CosineLRScheduler:
+    """The authors' LR schedule: timm's CosineLRScheduler with their `create_scheduler` settings.
+
+    Time counts in (fractional) epochs. Warmup: linear from 0.01·lr over `warmup_epochs`
+    (none at 0). Then a cosine from each group's own LR (its `initial_lr`) down to 0.002·lr
+    at t = `epochs`, computed over the whole run, warmup included (no warmup prefix): after
+    1 warmup epoch of 10 it starts at 0.9755·lr, not at lr. The start (0.01·lr) and the floor
+    (0.002·lr) are one value for all groups, as in the authors' code, so the bias group at
+    2·lr warms up from 0.01·lr and decays to 0.002·lr: it is at 2× only in between, up to
+    those two. `train_phase` calls `scheduler.step(epoch_time(...))` before each iteration,
+    which makes the LR a function of (epoch, step) alone (the same after a resume); the
+    authors step after each iteration to the next one's time, which gives the same LRs.
+    """
+    return CosineLRScheduler(
+        optimizer, t_initial=epochs, lr_min=0.002 * lr, cycle_mul=1.0, cycle_decay=0.1,
+        cycle_limit=1, warmup_t=warmup_epochs, warmup_lr_init=0.01 * lr, warmup_prefix=False,
+        t_in_epochs=True, noise_range_t=None)
+
+
+def epoch_time(epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The scheduler's time at iteration `step` of epoch `epoch` (both from 0), in epochs."""
+    return epoch + step / steps_per_epoch
 
 
 # --------------------------------------------------------------------------- the phase
@@ -109,7 +132,9 @@ class PhasePlan:
     """Everything a phase's run derives from params and the shards."""
 
     backbone: str
-    phase: PhaseParams
+    name: str
+    phase: PhaseParams  # this backbone's settings, resolved (size, ArcFace, checkpoints)
+    snapshots: tuple[int, ...]  # epochs to keep as models/<backbone>/<name>/epoch-<N>/
     size: int
     groups: list[str]
     probs: list[float] | None
@@ -123,12 +148,13 @@ class PhasePlan:
 
 def plan_phase(params: Params, backbone: str, phase_name: str, shard_dir: Path,
                models_dir: Path, runs_dir: Path, world: int) -> PhasePlan:
-    phase = params.train.phase(phase_name)
+    resolved = params.phase_plan(backbone, phase_name)
+    phase = resolved.settings
     groups = shards.read_lists(shard_dir)[phase.list]
     if not groups:
         raise shards.ShardError(f"{shard_dir}: list {phase.list} has no images")
-    shards.check_size(shard_dir, groups, phase.size_for(backbone, params.model.size),
-                      f"phase {phase.name}'s size for {backbone}")
+    shards.check_size(shard_dir, groups, resolved.size,
+                      f"phase {phase_name}'s size for {backbone}")
     manifests = [shards.read_manifest(shard_dir, g) for g in groups]
     list_samples = sum(m["samples"] for m in manifests)
     num_classes = 1 + max(m["max_label"] for m in manifests)
@@ -136,13 +162,13 @@ def plan_phase(params: Params, backbone: str, phase_name: str, shard_dir: Path,
              if phase.sampler == "continent" else None)
     # An epoch is the list's size over all ranks (method.md: L = list size / world size).
     steps = max(1, list_samples // (phase.batch * world))
-    return PhasePlan(backbone=backbone, phase=phase,
-                     size=phase.size_for(backbone, params.model.size),
+    return PhasePlan(backbone=backbone, name=phase_name, phase=phase,
+                     snapshots=resolved.snapshots, size=resolved.size,
                      groups=groups, probs=probs, num_classes=num_classes,
                      list_samples=list_samples, steps_per_epoch=steps,
-                     init_dir=Path(models_dir) / backbone / phase.init,
-                     out_dir=Path(models_dir) / backbone / phase.name,
-                     run_dir=Path(runs_dir) / backbone / phase.name)
+                     init_dir=Path(models_dir) / backbone / resolved.init.folder,
+                     out_dir=Path(models_dir) / backbone / phase_name,
+                     run_dir=Path(runs_dir) / backbone / phase_name)
 
 
 def code_digest() -> str:
@@ -167,12 +193,15 @@ def run_fingerprint(params: Params, plan: PhasePlan, shard_dir: Path, world: int
     """What a checkpoint must match to be resumed: every setting that changes the result, the
     shards' bytes, the code and the starting weights (not workers or checkpoint frequency)."""
     train = dataclasses.asdict(params.train)
-    for unrelated in ("workers", "checkpoint_every", "phases", "processes"):
-        train.pop(unrelated)
+    for unrelated in ("workers", "checkpoint_every", "phases", "recipe", "processes"):
+        train.pop(unrelated)  # phases, recipe: this phase's resolved settings below
     model = dataclasses.asdict(params.model)
-    for unrelated in ("backbones", "size", "pretrained", "weights_dir"):
-        model.pop(unrelated)  # size: plan.size; weights: the init digest below
-    blob = json.dumps({"phase": dataclasses.asdict(plan.phase), "size": plan.size,
+    for unrelated in ("backbones", "size", "arcface_s", "arcface_m", "pretrained",
+                      "weights_dir"):
+        model.pop(unrelated)  # size, ArcFace: in the phase; weights: the init digest below
+    phase = dataclasses.asdict(plan.phase)
+    phase.pop("checkpoint_every")  # when checkpoints are written does not change the result
+    blob = json.dumps({"phase": phase, "size": plan.size, "snapshots": plan.snapshots,
                        "train": train, "model": model, "code": code_digest(),
                        "shards": shards_digest(shard_dir, plan.groups),
                        "classes": plan.num_classes, "world": world,
@@ -272,16 +301,13 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: 
     phase = plan.phase
     torch.manual_seed(params.train.seed)
     init_model, _ = load_model(plan.init_dir)
-    model = build_model(plan.backbone, plan.num_classes, **_model_kwargs(params.model))
+    model = build_model(plan.backbone, plan.num_classes, **_model_kwargs(params.model, phase))
     load_phase_weights(model, init_model.state_dict())
     del init_model
     model = model.to(env.device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(param_groups(model, phase.lr, phase.weight_decay),
                                 lr=phase.lr, momentum=0.9)
-    total_steps = phase.epochs * plan.steps_per_epoch
-    warmup_steps = round(phase.warmup_epochs * plan.steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
+    scheduler = make_scheduler(optimizer, phase.lr, phase.epochs, phase.warmup_epochs)
     autocast, scaler = precision_context(env.device, params.train.precision)
     if env.main:
         log.info("precision: %s", precision_name(env.device, params.train.precision))
@@ -289,7 +315,7 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: 
     checkpoint = plan.run_dir / "checkpoint.pt"
     start_epoch, rows = try_resume(checkpoint, fingerprint, model, optimizer, scheduler, scaler)
     if start_epoch:
-        log.info("resuming %s/%s from %s after epoch %d", plan.backbone, phase.name,
+        log.info("resuming %s/%s from %s after epoch %d", plan.backbone, plan.name,
                  checkpoint, start_epoch)
     net = model
     if env.world > 1:
@@ -310,10 +336,12 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: 
         net.train()
         totals = {"loss": 0.0, "correct": 0, "seen": 0}
         started = time.perf_counter()
-        desc = f"{plan.backbone}/{phase.name} epoch {epoch + 1}/{phase.epochs}"
+        desc = f"{plan.backbone}/{plan.name} epoch {epoch + 1}/{phase.epochs}"
         bar = progress_bar(loader, total=plan.steps_per_epoch, disable=not env.main,
                            unit="step", desc=desc)
         for step, (images, labels) in enumerate(bar):
+            # this iteration's LR, from (epoch, step) alone: a resumed run gets the same ones
+            scheduler.step(epoch_time(epoch, step, plan.steps_per_epoch))
             images = normalize(images.to(env.device, non_blocking=True))
             images = images.contiguous(memory_format=torch.channels_last)
             labels = labels.to(env.device, non_blocking=True)
@@ -328,7 +356,6 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: 
             else:
                 loss.backward()
                 optimizer.step()
-            scheduler.step()
             loss_value = loss.item()
             correct = int((logits.detach().argmax(1) == labels).sum())
             totals["loss"] += loss_value * len(labels)
@@ -337,7 +364,7 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: 
             if writer is not None:
                 global_step = epoch * plan.steps_per_epoch + step
                 writer.add_scalar("train/loss", loss_value, global_step)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], global_step)
+                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
                 writer.add_scalar("train/top1", correct / len(labels), global_step)
                 if scaler is not None:
                     writer.add_scalar("train/grad_scale", scaler.get_scale(), global_step)
@@ -349,7 +376,7 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: 
         # seed then reproduces every DVC output byte for byte. Speed goes to logs/TensorBoard.
         summary = {"epoch": epoch + 1, "loss": totals["loss"] / max(1, totals["seen"]),
                    "top1": totals["correct"] / max(1, totals["seen"]),
-                   "lr": scheduler.get_last_lr()[0]}
+                   "lr": optimizer.param_groups[0]["lr"]}  # the epoch's last LR
         if env.main:
             assert writer is not None and history is not None
             writer.add_scalar("epoch/loss", summary["loss"], epoch + 1)
@@ -357,9 +384,12 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: 
             writer.add_scalar("epoch/images_per_s", images_per_s, epoch + 1)
             history.add(summary)
             log.info("%s/%s epoch %d: loss %.4f, top-1 %.3f, %.1f images/s", plan.backbone,
-                     phase.name, epoch + 1, summary["loss"], summary["top1"], images_per_s)
+                     plan.name, epoch + 1, summary["loss"], summary["top1"], images_per_s)
+            if epoch + 1 in plan.snapshots:  # a later phase starts from this epoch's model
+                save_model(model, plan.run_dir / f"epoch-{epoch + 1}",
+                           model_config(plan, model, env, summary))
             last = epoch + 1 == phase.epochs
-            if (epoch + 1) % params.train.checkpoint_every == 0 or last:
+            if (epoch + 1) % (phase.checkpoint_every or 1) == 0 or last:
                 save_checkpoint(checkpoint, model, optimizer, scheduler, scaler, epoch + 1,
                                 fingerprint, history.rows)
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
@@ -367,12 +397,22 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: 
     if writer is not None:
         writer.close()
     if env.main:
-        config = {"model": model.config, "phase": dataclasses.asdict(phase), "size": plan.size,
-                  "init": str(plan.init_dir), "world_size": env.world,
-                  "effective_batch": phase.batch * env.world, "final": summary}
-        save_model(model, plan.out_dir, config)
-        log.info("%s/%s done -> %s", plan.backbone, phase.name, plan.out_dir)
+        save_model(model, plan.out_dir, model_config(plan, model, env, summary))
+        for epoch in plan.snapshots:  # kept in runs/ across restarts, copied into the output
+            shutil.copytree(plan.run_dir / f"epoch-{epoch}", plan.out_dir / f"epoch-{epoch}",
+                            dirs_exist_ok=True)
+        log.info("%s/%s done -> %s%s", plan.backbone, plan.name, plan.out_dir,
+                 f" (with the models of epochs {list(plan.snapshots)})" if plan.snapshots
+                 else "")
     return summary
+
+
+def model_config(plan: PhasePlan, model: torch.nn.Module, env: Dist, summary: dict) -> dict:
+    """config.json of a phase's model folder (or of an epoch snapshot: `final` says which)."""
+    return {"model": model.config, "phase": plan.name,
+            "settings": dataclasses.asdict(plan.phase), "size": plan.size,
+            "init": str(plan.init_dir), "world_size": env.world,
+            "effective_batch": plan.phase.batch * env.world, "final": summary}
 
 
 def main(params: Params, backbone: str, phase_name: str, shard_dir: Path, models_dir: Path,

@@ -1,10 +1,11 @@
 """Image transforms of method.md, fast: decode with JPEG draft mode, augment on uint8.
 
 Training: square resize, horizontal flip (p=0.5), pad + random crop, random erasing (p=1.0,
-area 2-20%, aspect 0.3-3.3) — all on uint8 CHW tensors; the float normalization (mean
-(0.485, 0.456, 0.406), std 0.2235) runs once per batch in the model step, on the device.
-Random erasing's fill 0 is applied after normalization in the recipe, i.e. the mean pixel;
-on uint8 we fill with the mean pixel (124, 116, 104), which normalizes to within 0.006 of 0.
+area 2-20%, aspect 0.3-1/0.3, up to 100 tries) — all on uint8 CHW tensors; the float
+normalization (mean (0.485, 0.456, 0.406), std 0.2235) runs once per batch in the model step,
+on the device. Random erasing's fill 0 is applied after normalization in the recipe, i.e. the
+mean pixel; on uint8 we fill with the mean pixel (124, 116, 104), which normalizes to within
+0.006 of 0.
 """
 
 from __future__ import annotations
@@ -68,21 +69,28 @@ def pad_random_crop(image: torch.Tensor, pad: int, rng: random.Random) -> torch.
 
 def random_erasing(image: torch.Tensor, rng: random.Random, p: float = 1.0,
                    scale: tuple[float, float] = (0.02, 0.2),
-                   ratio: tuple[float, float] = (0.3, 3.3),
-                   fill: tuple[int, ...] = MEAN_PIXEL) -> torch.Tensor:
-    """Erase one random rectangle in place (torchvision's sampling: 10 tries of area and
-    aspect)."""
-    if rng.random() >= p:
+                   ratio: tuple[float, float] = (0.3, 1 / 0.3),
+                   fill: tuple[int, ...] = MEAN_PIXEL, attempts: int = 100) -> torch.Tensor:
+    """Erase one random rectangle in place, with the sampling of the recipe's RandomErasing
+    (Zhong et al.'s, as in the re-ID codebases; not torchvision's).
+
+    With probability p (skipped when a uniform draw is >= p), up to `attempts` tries of:
+    area = uniform(scale) · H·W, aspect = uniform(ratio) (uniform, not log-uniform),
+    h = round(√(area·aspect)) rows, w = round(√(area/aspect)) columns (Python's round, as the
+    authors' int(round(·))); the first box with h < H and w < W (strict) is placed at
+    top = randint(0, H − h), left = randint(0, W − w) and filled. When no try fits, the image
+    is left as it is. The draws come from `rng` in that order: 1 + 2 per try + 2 for the place.
+    """
+    if rng.uniform(0, 1) >= p:
         return image
     _, height, width = image.shape
     area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        erase_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
+    for _ in range(attempts):
+        erase_area = rng.uniform(*scale) * area
+        aspect = rng.uniform(*ratio)
         h = round(math.sqrt(erase_area * aspect))
         w = round(math.sqrt(erase_area / aspect))
-        if h < height and w < width:
+        if w < width and h < height:
             top, left = rng.randint(0, height - h), rng.randint(0, width - w)
             image[:, top: top + h, left: left + w] = torch.tensor(
                 fill, dtype=image.dtype).view(-1, 1, 1)

@@ -21,11 +21,14 @@ import timm
 import torch
 from timm.layers import BlurPool2d
 from timm.models import is_model_pretrained
+from timm.models.resnest import ResNestBottleneck
 from torch import nn
 
 from glr.model.layers import IBN
 from glr.model.table import BACKBONES, BackboneSpec
 from glr.params import ParamsError
+
+log = logging.getLogger(__name__)
 
 # timm modules whose models have the ResNet layout (stem, layer1..layer4 of blocks with `bn1`)
 # that IBN-a conversion and last stride 1 work on. Others (res2net, whose stride-1 blocks keep
@@ -119,15 +122,77 @@ def _ibn_from_batch_norm(batch_norm: nn.BatchNorm2d) -> IBN:
 def set_last_stride_1(model: nn.Module) -> nn.Module:
     """Keep stage 4 (`layer4`) at stride 1, in place: the feature map becomes input / 16.
 
+    ResNeSt models (stage 4 of timm's `ResNestBottleneck`) go to `set_last_stride_1_resnest`,
+    which follows the authors' ResNeSt (stride 1 kept by dilation). Every other ResNet-family
+    model goes to `set_last_stride_1_plain` (stride 1, no dilation), as in the authors' other
+    backbones: `_make_layer(block, 512, layers[3], stride=1)` in `model/backbones/
+    se_resnet_ibn_a.py` and `resnext_ibn.py`, `stride=last_stride` in `resnet.py` (the last two
+    read in their `submission/input/util-code/backbones/` copies), none with a dilation.
+    """
+    if all(isinstance(block, ResNestBottleneck) for block in model.layer4):
+        return set_last_stride_1_resnest(model)
+    return set_last_stride_1_plain(model)
+
+
+def set_last_stride_1_plain(model: nn.Module) -> nn.Module:
+    """Stride 1 in stage 4 without dilation, in place: the feature map becomes input / 16.
+
     Every place that downsamples sits in the first block of `layer4`: the strided 3x3 conv
     (BasicBlock `conv1`, Bottleneck `conv2`), the strided 1x1 conv of the plain downsample path,
-    the stride-2 average pools of ResNeSt (`avd_first` / `avd_last`) and of the 'd'-style
-    downsample path (`downsample.0`), and the anti-aliasing pool `aa` of the -aa/-blur variants.
-    Strided convs get stride 1 (their padding already keeps the size at stride 1); the pools
-    become `nn.Identity`, which is what timm builds at stride 1. Any other module that still
-    reports a stride above 1 raises TypeError rather than being silently kept.
+    the stride-2 average pool of the 'd'-style downsample path (`downsample.0`), and the
+    anti-aliasing pool `aa` of the -aa/-blur variants. Strided convs get stride 1 (their padding
+    already keeps the size at stride 1); the pools become `nn.Identity`, which is what timm
+    builds at stride 1. Every convolution keeps dilation 1. Any other module that still reports
+    a stride above 1 raises TypeError rather than being silently kept.
     """
-    first_block = model.layer4[0]
+    _unstride_first_block(model.layer4[0])
+    return model
+
+
+def set_last_stride_1_resnest(model: nn.Module) -> nn.Module:
+    """Stride 1 in stage 4 of a timm ResNeSt (`resnest14d` .. `resnest269e`), as the authors
+    built it, in place: the feature map becomes input / 16.
+
+    The authors' ResNeSt (`backbones/resnest.py` of their repository, read in its
+    `submission/input/util-code/` copy; its `ResNet` and `Bottleneck` are those of
+    zhanghang1989/ResNeSt `resnest/torch/resnet.py`) sets `dilation = 2` when `last_stride == 1`
+    and builds stage 4 as `_make_layer(block, 512, layers[3], stride=1, dilation=2)`. There:
+
+    - block 1 gets `dilation=1` and `is_first=True`, so its split-attention 3x3 conv keeps
+      dilation 1 and padding 1, and its `avd` pool (`avd and (stride > 1 or is_first)`) is
+      kept as `AvgPool2d(3, stride=1, padding=1)`: at stride 1 it still averages 3x3
+      neighbourhoods, which the ImageNet weights were trained behind;
+    - blocks 2..n get `dilation=2`: their 3x3 conv has dilation 2 and padding 2;
+    - block 1's downsample path (`avg_down`, dilation 2) is `AvgPool2d(kernel_size=1,
+      stride=1, ceil_mode=True, count_include_pad=False)` (the identity; `nn.Identity` here),
+      then the 1x1 conv and BN.
+
+    timm's blocks are the official ones ported (same names and weights): here the avd pool of
+    block 1 (`avd_first` or `avd_last`) gets stride 1, the downsample pool becomes
+    `nn.Identity`, any strided conv of block 1 gets stride 1 (with avd it has none), and every
+    3x3 conv of blocks 2..n gets dilation 2 and padding 2. (timm's own `output_stride=16`
+    differs: it drops block 1's avd pool and puts a 2x2 `AvgPool2dSame` in the downsample path.)
+    """
+    first_block, *other_blocks = model.layer4
+    for name in ("avd_first", "avd_last"):
+        pool = getattr(first_block, name, None)
+        if isinstance(pool, nn.AvgPool2d) and _largest_stride(pool) != 1:
+            setattr(first_block, name, nn.AvgPool2d(
+                pool.kernel_size, stride=1, padding=pool.padding, ceil_mode=pool.ceil_mode,
+                count_include_pad=pool.count_include_pad, divisor_override=pool.divisor_override))
+    _unstride_first_block(first_block)
+    for block in other_blocks:
+        for module in block.modules():
+            if isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1):
+                module.dilation = (2, 2)
+                # Dilation 2 keeps the size with padding 2 * (k - 1) / 2: 2 for the 3x3 convs.
+                module.padding = tuple(size - 1 for size in module.kernel_size)
+    return model
+
+
+def _unstride_first_block(first_block: nn.Module) -> None:
+    """Take every stride out of `first_block`: strided convs get stride 1, strided pools of
+    `DOWNSAMPLING_POOLS` become nn.Identity; anything else that downsamples raises TypeError."""
     if isinstance(getattr(first_block, "stride", None), int):
         first_block.stride = 1  # bookkeeping only; timm's blocks do not read it in forward
     for name, module in list(first_block.named_modules()):
@@ -140,7 +205,6 @@ def set_last_stride_1(model: nn.Module) -> nn.Module:
         elif _largest_stride(module) > 1:
             raise TypeError(f"layer4.0.{name} ({type(module).__name__}) downsamples and is not "
                             "handled by set_last_stride_1")
-    return model
 
 
 def _largest_stride(module: nn.Module) -> int:
@@ -167,17 +231,23 @@ class PretrainedWeightsError(ParamsError):
 
 
 def create_backbone(name: str, pretrained: bool = False,
-                    pretrained_path: str | Path | None = None) -> tuple[nn.Module, int]:
+                    pretrained_path: str | Path | None = None, *,
+                    skip_fc_keys: bool = False) -> tuple[nn.Module, int]:
     """A timm feature extractor (no pooling, no classifier) and its number of output channels.
 
     `name` is a name of glr's table or a timm ResNet-family model (see `backbone_spec`).
     IBN-a conversion (for the `*_ibn_a` names) and last stride 1 are applied. `pretrained=True`
     takes timm's ImageNet weights (for IBN names: those of the plain architecture, converted);
-    `pretrained_path` instead loads a local file after conversion (see `load_backbone_weights`),
-    e.g. the IBN-Net release checkpoints, and then timm's weights are not fetched. Weights that
-    cannot be fetched raise PretrainedWeightsError at once (see `check_timm_weights`).
+    `pretrained_path` instead loads a local file after conversion (see `load_backbone_weights`,
+    which `skip_fc_keys` is passed to), e.g. the IBN-Net release checkpoints, and then timm's
+    weights are not fetched. Weights that cannot be fetched raise PretrainedWeightsError at once
+    (see `check_timm_weights`). `skip_fc_keys` concerns a weights file only: with timm's
+    weights it raises ValueError (timm loads every key), without any weights it changes nothing.
     """
     spec = backbone_spec(name)
+    if skip_fc_keys and pretrained and pretrained_path is None:
+        raise ValueError(f"skip_fc_keys applies to a weights file (pretrained_path), not to "
+                         f"timm's ImageNet weights for {name}")
     if pretrained and pretrained_path is None:
         model = create_timm_pretrained(name, spec.timm_name)
     else:
@@ -187,7 +257,7 @@ def create_backbone(name: str, pretrained: bool = False,
         convert_ibn_a(model)
     set_last_stride_1(model)
     if pretrained_path is not None:
-        load_backbone_weights(model, pretrained_path)
+        load_backbone_weights(model, pretrained_path, skip_fc_keys=skip_fc_keys)
     return model, model.num_features
 
 
@@ -347,22 +417,49 @@ def unwrap_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in checkpoint.items()}
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
+def load_backbone_weights(model: nn.Module, path: str | Path, *,
+                          skip_fc_keys: bool = False) -> None:
     """Load a local weights file into a backbone, strictly; `fc.*` classifier keys are dropped.
 
     Accepts a plain state dict or one under "state_dict"/"model", with or without a "module."
     prefix, in timm or IBN-Net naming (see `map_ibn_net_keys`). Raises ValueError listing the
     missing and unexpected keys (and shape mismatches) if the file does not fit the backbone.
     Missing `num_batches_tracked` counters are tolerated: older checkpoints predate them.
+
+    `skip_fc_keys=True` loads the way the authors load SE-ResNet101-IBN-a: their
+    `ResNet.load_param` (`model/backbones/se_resnet_ibn_a.py`) skips every checkpoint key that
+    contains "fc" (`if 'fc' in i: continue`), which drops the classifier and also every SE layer
+    (`layerX.Y.se.fc.0/2.weight`), so their SE weights start from the model's own random
+    initialization. Here every file key containing "fc" is dropped (after the "module." prefix is
+    removed), the model's own parameters and buffers whose names contain "fc" keep their current
+    values (timm's initialization for a fresh model; timm names the SE convs `se.fc1/fc2`), and
+    their absence from the file is not an error; every other key is loaded strictly as above.
+    timm's init (Kaiming-normal fan-out 1x1 convs, PyTorch's default biases) need not be the
+    authors' (their `SELayer` comes from `model/backbones/se_module.py`, and their init loop
+    covers only Conv2d and norm layers; IBN-Net's `SELayer` is made of `nn.Linear` layers): the
+    SE layers start random in both, possibly from different distributions.
+    Note that timm's ResNeSt names its split-attention convs `conv2.fc1/fc2` too: the authors'
+    ResNeSt loader (`ResNet.load_param` in `backbones/resnest.py`) does not skip them, so
+    neither should a ResNeSt file be loaded with `skip_fc_keys`. Without it (the default), the
+    classifier `fc.*` alone is dropped and the IBN-Net SE keys are mapped onto timm's SE
+    (ImageNet SE weights).
     """
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state_dict = unwrap_state_dict(checkpoint)
-    state_dict = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
-    state_dict = map_ibn_net_keys(state_dict)
+    if skip_fc_keys:
+        skipped = [key for key in state_dict if "fc" in key]
+        state_dict = {key: value for key, value in state_dict.items() if "fc" not in key}
+        log.info("%s: skipped %d keys containing 'fc' (skip_fc_keys); those parameters keep the "
+                 "model's own initialization", path, len(skipped))
+    else:
+        state_dict = {key: value for key, value in state_dict.items()
+                      if not key.startswith("fc.")}
+        state_dict = map_ibn_net_keys(state_dict)
 
     expected = model.state_dict()
     missing = [key for key in expected
-               if key not in state_dict and not key.endswith("num_batches_tracked")]
+               if key not in state_dict and not key.endswith("num_batches_tracked")
+               and not (skip_fc_keys and "fc" in key)]
     unexpected = [key for key in state_dict if key not in expected]
     mismatched = [f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(value.shape)}"
                   for key, value in expected.items()

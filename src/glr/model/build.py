@@ -17,13 +17,20 @@ CONFIG_KEYS = ("backbone", "num_classes", "embedding_dim", "gem_p", "arcface_s",
 
 
 class RetrievalNet(nn.Module):
-    """Backbone -> GeM -> Linear (no bias) -> BatchNorm1d (bias frozen at 0) -> ArcFace."""
+    """Backbone -> GeM -> Linear (no bias) -> BatchNorm1d (bias frozen at 0) -> ArcFace.
+
+    `pretrained`, `pretrained_path` and `skip_fc_keys` choose the backbone's starting weights
+    only (see `glr.model.backbones.create_backbone`), so they are not part of `config`, which
+    describes the architecture.
+    """
 
     def __init__(self, backbone: str, num_classes: int, *, embedding_dim: int = 512,
                  gem_p: float = 3.0, arcface_s: float = 30.0, arcface_m: float = 0.3,
-                 pretrained: bool = False, pretrained_path: str | Path | None = None) -> None:
+                 pretrained: bool = False, pretrained_path: str | Path | None = None,
+                 skip_fc_keys: bool = False) -> None:
         super().__init__()
-        self.backbone, num_features = create_backbone(backbone, pretrained, pretrained_path)
+        self.backbone, num_features = create_backbone(backbone, pretrained, pretrained_path,
+                                                      skip_fc_keys=skip_fc_keys)
         self.pool = GeM(p=gem_p)
         self.neck = nn.Linear(num_features, embedding_dim, bias=False)
         nn.init.xavier_uniform_(self.neck.weight)
@@ -62,11 +69,14 @@ class RetrievalNet(nn.Module):
 
 def build_model(backbone: str, num_classes: int, *, embedding_dim: int = 512, gem_p: float = 3.0,
                 arcface_s: float = 30.0, arcface_m: float = 0.3, pretrained: bool = False,
-                pretrained_path: str | Path | None = None) -> RetrievalNet:
-    """A RetrievalNet; `pretrained`/`pretrained_path` choose the backbone's initial weights."""
+                pretrained_path: str | Path | None = None,
+                skip_fc_keys: bool = False) -> RetrievalNet:
+    """A RetrievalNet; `pretrained`/`pretrained_path` choose the backbone's initial weights and
+    `skip_fc_keys` drops every key containing "fc" from a weights file, as the authors'
+    SE-ResNet101-IBN-a loader does (see `glr.model.backbones.load_backbone_weights`)."""
     return RetrievalNet(backbone, num_classes, embedding_dim=embedding_dim, gem_p=gem_p,
                         arcface_s=arcface_s, arcface_m=arcface_m, pretrained=pretrained,
-                        pretrained_path=pretrained_path)
+                        pretrained_path=pretrained_path, skip_fc_keys=skip_fc_keys)
 
 
 def model_from_config(config: Mapping[str, Any]) -> RetrievalNet:

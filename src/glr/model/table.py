@@ -33,6 +33,8 @@ BACKBONES: dict[str, BackboneSpec] = {
                                    ibn_net_checkpoint="resnet18_ibn_a-2f571257.pth"),
     # Quick recipe.
     "resnet50": BackboneSpec("resnet50"),
+    # torchvision's ImageNet weights (the authors' quick recipe), timm's tag for them
+    "resnet50.tv_in1k": BackboneSpec("resnet50.tv_in1k"),
     "resnet50_ibn_a": BackboneSpec("resnet50", ibn_a=True,
                                    ibn_net_checkpoint="resnet50_ibn_a-d9d0bb7b.pth"),
     # The solution's ensemble.
