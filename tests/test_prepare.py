@@ -57,8 +57,10 @@ def test_all_as_the_authors_built_it(tiny_gldv2):
     assert all_list["split"].tolist()[8:] == ["index"] * 3 + ["test"] * 4
     ignored = all_list[all_list["label"] == -1]
     assert ignored["country"].tolist() == ["NONE"] and ignored["continent"].tolist() == ["NONE"]
-    assert len(result.reference) == len(all_list) - 1
+    # references: full + index images, never a test image (91 and 92 are validation queries)
+    assert len(result.reference) == len(all_list) - 4
     assert (result.reference["label"] >= 0).all()
+    assert set(result.reference["split"].astype(str)) == {"train", "index"}
 
 
 def test_holdout_keeps_validation_queries_out_of_all(tiny_gldv2):

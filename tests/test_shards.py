@@ -391,3 +391,13 @@ def test_missing_prepared_tables_are_a_clear_error(sharded, tmp_path):
     with pytest.raises(shards.ShardError, match=r"clean\.parquet: not found; run `glr prepare`"):
         shards.main(params, tmp_path / "nothing", tmp_path / "shards", tmp_path / "m.json",
                     progress=False)
+
+
+def test_test_images_are_never_references():
+    """With the validation queries put back into `all` (holdout off), their group trains but
+    is no reference: the rerank would tag each query with its own label."""
+    rows = pd.DataFrame({"increment": ["clean", "index", "test"],
+                         "group": ["clean-asia", "index-asia", "test-asia"]})
+    lists = shards.list_groups(rows)
+    assert lists["all"] == ["clean-asia", "index-asia", "test-asia"]
+    assert lists["reference"] == ["clean-asia", "index-asia"]

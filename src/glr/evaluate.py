@@ -44,11 +44,11 @@ def precision_curve(solution: dict[str, metric.Query], submission: dict[str, lis
 
 def contaminated(params: Params) -> bool:
     """True when the validation queries leak into the result: without the holdout they are in
-    `all` (so an `all` phase trains on them) and in the reference set with their labels (so
-    the rerank tags each query with its own ground-truth label)."""
+    `all`, so a phase trained on `all` has seen them. (They are never references: the rerank
+    cannot tag a query with its own label.)"""
     return (not params.prepare.holdout_val_queries
-            and (any(phase.settings.list == "all" for backbone in params.model.backbones
-                     for phase in params.plan(backbone)) or params.retrieve.rerank))
+            and any(phase.settings.list == "all" for backbone in params.model.backbones
+                    for phase in params.plan(backbone)))
 
 
 def _write(path: Path, text: str) -> None:
@@ -85,7 +85,7 @@ def main(params: Params, retrieval_dir: Path, solution_csv: Path, metrics_path: 
               for i, k in enumerate(CURVE_KS)]
     _write(Path(curve_path), "\n".join(lines) + "\n")
     log.info("final (%s): mAP@100 %.4f%s", listing["final"], summary["map@100"],
-             " — CONTAMINATED: validation queries are in `all` and in the reference set"
+             " — CONTAMINATED: a phase trained on `all`, which holds the validation queries"
              if summary["contaminated"] else "")
     return summary
 

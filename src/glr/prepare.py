@@ -6,7 +6,7 @@ Reads a GLDv2 root (real or mini) and writes to `data/prepared/`:
     clean|c2x|full|all.parquet
                           id, split, label, clean, country, continent
                           (one row per image and label)
-    reference.parquet     `all` without label -1: the images whose features are cached
+    reference.parquet     `all` without test images (`full` + index): the cached references
     val_queries.parquet   id, usage, images (ground-truth index ids): non-Ignored test queries
     eval_index.parquet    id: the index the validation queries are searched in
     summary.json          all counts
@@ -300,7 +300,11 @@ def prepare(meta: Metadata, params: PrepareParams) -> Prepared:
         "all": all_list(meta, full, labels, params.holdout_val_queries),
     }
     lists = {name: with_geography(images, labels) for name, images in lists.items()}
-    reference = lists["all"][lists["all"]["label"] >= 0].reset_index(drop=True)
+    # The authors' references: `full` + index images. Test images never are, whatever the
+    # holdout: a validation query among them would tag itself with its own label.
+    everything = lists["all"]
+    reference = everything[(everything["label"] >= 0)
+                           & (everything["split"].astype(str) != "test")].reset_index(drop=True)
     return Prepared(labels=labels, lists=lists, reference=reference,
                     val_queries=validation_queries(meta), eval_index=evaluation_index(meta, params))
 

@@ -11,7 +11,8 @@ Groups. The training images are split into disjoint groups, (list increment) × 
 so that every training list is a union of groups (`clean` = clean; `c2x` = + c2x_extra;
 `full` = + full_extra; `all` = + index + test) and the continent-aware sampler mixes group
 streams with fixed probabilities without reading data it discards. The reference set for
-feature extraction is the union of all training groups (no second copy of 4.9M images). The
+feature extraction is the union of the training groups but `test` (no second copy of 4.9M
+images). The
 validation queries (`query`) and the evaluation index (`eval_index`) get their own groups.
 Test images with label −1 are no training target and no reference: they are not sharded.
 
@@ -130,11 +131,13 @@ def assign_groups(all_list: pd.DataFrame, num_clean_labels: int) -> pd.DataFrame
 
 
 def list_groups(groups: pd.DataFrame) -> dict[str, list[str]]:
-    """Which groups make each list (and the reference set = every training group)."""
+    """Which groups make each list, and the reference set: every training group but the test
+    images' (the authors' references are `full` + index images; a test image must never be a
+    reference, or the rerank would tag a validation query with its own label)."""
     names = groups.drop_duplicates("group")
     result = {name: sorted(names.loc[names["increment"].isin(incs), "group"])
               for name, incs in LIST_INCREMENTS.items()}
-    result["reference"] = result["all"]
+    result["reference"] = sorted(names.loc[names["increment"] != "test", "group"])
     return result
 
 
