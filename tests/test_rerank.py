@@ -282,15 +282,38 @@ def test_k_reciprocal_distance_hand_case() -> None:
 
 def test_k_reciprocal_rerank_matches_loops() -> None:
     queries, index, *_ = landmark_data(7, num_queries=6, num_index=30)
-    result = rerank.k_reciprocal_rerank(queries, index, k1=8, k2=3, lambda_value=0.3)
     features = np.concatenate([queries, index])
+    # The sparse path ranks neighbors by faiss and weighs pairs by their own dot products, not
+    # the loops' matmul: every k1 + 1 nearest set must be clear of that rounding ...
+    assert_clear_cut(features, features, 8 + 1)
+    result = rerank.k_reciprocal_rerank(queries, index, k1=8, k2=3, lambda_value=0.3,
+                                        block_rows=16)
     expected = 1 - ref_k_reciprocal(features, 8, 3, 0.3, rows=list(range(6)))[:, 6:]
     assert result.shape == (6, 30)
-    error = k_reciprocal_error(0.3) + U32  # and the float32 1 − d
+    # ... and each distance d = (1 − cos)/2 is off by at most γ_D/2 (unit rows: Σ|x y| ≤ 1),
+    # which moves exp(−d) by that relative amount on top of EXP32 (see k_reciprocal_error),
+    # and the λ·d term by λ times it; u more for the float32 1 − d.
+    dim = features.shape[1]
+    delta = dim * U32 / (1 - dim * U32) / 2
+    error = (1 - 0.3) * 4 * (EXP32 + delta) + 0.3 * delta + 3 * U32
     np.testing.assert_allclose(result, expected, rtol=0, atol=error)
     assert_same_ranking(result, expected, descending=True, error=error)
-    with pytest.raises(ValueError, match="max_items"):
-        rerank.k_reciprocal_rerank(queries, index, max_items=35)
+
+
+def test_k_reciprocal_rerank_equals_the_dense_distance() -> None:
+    """The sparse full rerank computes what k_reciprocal_distance computes densely."""
+    queries, index, *_ = landmark_data(9, num_queries=5, num_index=40)
+    features = np.concatenate([queries, index])
+    assert_clear_cut(features, features, 10 + 1)
+    dense = 1 - rerank.k_reciprocal_distance(features, 10, 3, 0.3, num_queries=5)[:, 5:]
+    sparse = rerank.k_reciprocal_rerank(queries, index, k1=10, k2=3, lambda_value=0.3)
+    dim = features.shape[1]
+    delta = dim * U32 / (1 - dim * U32) / 2  # the two paths' dot products, as above
+    np.testing.assert_allclose(sparse, dense, rtol=0,
+                               atol=(1 - 0.3) * 4 * (2 * EXP32 + 2 * delta) + 2 * delta
+                               + 4 * U32)
+    empty = rerank.k_reciprocal_rerank(queries, index[:0])
+    assert empty.shape == (5, 0)
 
 
 # ---------------------------------------------------------------- tags

@@ -1,9 +1,10 @@
 """Stage `retrieve`: search the evaluation index, Landmark-Country rerank, ensemble, submission.
 
-Per backbone: S = Q·Xᵀ (exact cosine), then, when `retrieve.rerank` is on, the authors'
-Landmark-Country aware rerank (glr.rerank: index images tagged by their top-1 reference,
-queries by k-reciprocal similarity to the references, S += α·w_label + β·v_country), and
-optionally the full k-reciprocal rerank of queries against the index. The ensemble is the
+Per backbone: S = Q·Xᵀ (exact cosine); optionally (`retrieve.full_kr`, off in the authors'
+submission) S is replaced by the full k-reciprocal similarity of queries and index, as in
+their code; then, when `retrieve.rerank` is on, the authors' Landmark-Country aware rerank
+(glr.rerank: index images tagged by their top-1 reference, queries by k-reciprocal
+similarity to the references, S += α·w_label + β·v_country). The ensemble is the
 weighted sum of the backbones' S. The reference matrix (4.9M × 512 on GLDv2) is memory-mapped
 and streamed in blocks by glr.search; no query×reference or index×reference matrix is built.
 
@@ -12,7 +13,7 @@ Writes `data/retrieval/`:
     submission.csv                  Kaggle format (id,images): the final ranking (top k)
     topk/<variant>.parquet          id, images (top-k index ids), scores: every variant,
                                     <backbone>-plain, <backbone>-rerank, ensemble-plain,
-                                    ensemble-rerank (the -rerank ones when the rerank is on)
+                                    ensemble-rerank (the -rerank ones when a rerank is on)
 """
 
 from __future__ import annotations
@@ -66,8 +67,15 @@ def backbone_scores(features: Features, params: Params, country_codes: dict[str,
     """(plain cosine S, reranked S or None) of one backbone."""
     settings = params.retrieve
     plain = rerank.cosine_scores(features.query, features.index)
+    # The full k-reciprocal rerank (off in the submission) replaces the cosine similarity that
+    # the Landmark-Country rerank then adds its tags to, as in the authors' code.
+    base = (rerank.k_reciprocal_rerank(features.query, features.index, k1=settings.full_kr_k1,
+                                       k2=settings.full_kr_k2,
+                                       lambda_value=settings.full_kr_lambda,
+                                       block_rows=settings.block_rows)
+            if settings.full_kr else plain)
     if not settings.rerank:
-        return plain, None
+        return plain, (base if settings.full_kr else None)
     countries = features.ref_countries.map(country_codes).to_numpy(dtype=np.int64)
     index_labels, index_countries = rerank.index_tags(
         features.index, features.ref, features.ref_labels, countries,
@@ -76,12 +84,8 @@ def backbone_scores(features: Features, params: Params, country_codes: dict[str,
                              k_neighbors=settings.k_neighbors, k1=settings.k1, k2=settings.k2,
                              lambda_value=settings.lambda_value, top=settings.top,
                              block_rows=settings.block_rows)
-    reranked = rerank.landmark_country_rerank(plain, index_labels, index_countries, tags,
+    reranked = rerank.landmark_country_rerank(base, index_labels, index_countries, tags,
                                               settings.alpha, settings.beta)
-    if settings.full_kr:
-        reranked = reranked + rerank.k_reciprocal_rerank(
-            features.query, features.index, k1=settings.full_kr_k1, k2=settings.full_kr_k2,
-            lambda_value=settings.full_kr_lambda)
     return plain, reranked
 
 
