@@ -6,6 +6,7 @@ import itertools
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from glr import rerank, search
@@ -508,3 +509,35 @@ def test_top_k_ids_match_loops(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
         assert indices[q].tolist() == expected
         assert top_scores[q].tolist() == [scores[q, j] for j in expected]
     assert indices.dtype == np.int64 and indices.shape == (7, min(k, 40))
+
+
+# ---------------------------------------------------------------- retrieve's composition
+
+
+@pytest.mark.parametrize("rerank_on", [True, False])
+def test_the_full_k_reciprocal_rerank_replaces_the_cosine(rerank_on: bool) -> None:
+    """retrieve.full_kr: the k-reciprocal similarity takes the cosine's place, and the
+    Landmark-Country rerank adds its tags to it (the authors' after_merge)."""
+    from glr import retrieve
+    from glr.params import parse_params
+
+    queries, index, refs, ref_labels, ref_countries = landmark_data(11)
+    features = retrieve.Features(
+        query=queries, index=index, ref=refs,
+        query_ids=[f"q{i}" for i in range(len(queries))],
+        index_ids=[f"x{i}" for i in range(len(index))],
+        ref_labels=ref_labels, ref_countries=pd.Series([f"C{c}" for c in ref_countries]))
+    codes = {f"C{c}": c for c in range(NUM_COUNTRIES)}
+    params = parse_params({"retrieve": {"full_kr": True, "rerank": rerank_on}})
+    plain, scores = retrieve.backbone_scores(features, params, codes)
+    kr = rerank.k_reciprocal_rerank(queries, index, k1=10, k2=3, lambda_value=0.3)
+    np.testing.assert_array_equal(plain, rerank.cosine_scores(queries, index))
+    if not rerank_on:
+        np.testing.assert_array_equal(scores, kr)
+        return
+    without_kr = retrieve.backbone_scores(
+        features, parse_params({"retrieve": {"rerank": True}}), codes)[1]
+    # the same tag boosts, on the k-reciprocal similarity instead of the cosine: each sum and
+    # difference rounds once in float32 (u of its magnitude, at most |base| + |boost| <= 3)
+    assert not np.array_equal(scores, without_kr)
+    np.testing.assert_allclose(scores - kr, without_kr - plain, rtol=0, atol=4 * 3 * U32)
