@@ -58,7 +58,8 @@ def test_namibia_is_not_missing(tmp_path):
 
 def test_shipped_continent_table_is_complete():
     continents = gldv2.read_continents(gldv2.SHIPPED_CONTINENTS)
-    assert len(continents) == 250  # 248 ISO codes + XK + OTHER
+    assert len(continents) == 251  # 249 ISO codes + XK + OTHER
+    assert continents["TM"] == "Asia"
     assert continents["JP"] == "Asia" and continents["BR"] == "South America"
     assert continents["RU"] == "Europe" and continents["AQ"] == "Antarctica"
 
@@ -66,7 +67,7 @@ def test_shipped_continent_table_is_complete():
 AUTHORS_CONTINENTS = gldv2.SHIPPED_CONTINENTS.with_name("continent_codes_authors.csv")
 # The authors read the public country-and-continent-codes-list CSV into a dict, so for the 8
 # countries it lists twice the last row wins (Asia; North America for UM) where the shipped
-# table has the first; it also has TM (Turkmenistan, Asia), which the shipped table lacks.
+# table has the first (the shipped table took TM, Turkmenistan, from that list too).
 SHIPPED_TRANSCONTINENTAL = {"RU": "Europe", "TR": "Europe", "KZ": "Europe", "AZ": "Europe",
                             "AM": "Europe", "GE": "Europe", "CY": "Europe", "UM": "Oceania"}
 AUTHORS_TRANSCONTINENTAL = {"RU": "Asia", "TR": "Asia", "KZ": "Asia", "AZ": "Asia",
@@ -90,7 +91,7 @@ def test_authors_continent_table_has_one_row_per_code():
     lines = AUTHORS_CONTINENTS.read_text().splitlines()
     assert lines[0] == gldv2.SHIPPED_CONTINENTS.read_text().splitlines()[0]
     codes = [line.split(",")[1] for line in lines[1:]]
-    assert len(codes) == len(set(codes)) == 249  # the shipped 248 + TM
+    assert len(codes) == len(set(codes)) == 249  # the shipped table's 249 ISO codes
     continents = {line.split(",")[0] for line in lines[1:]}
     assert continents == set(gldv2.read_continents(gldv2.SHIPPED_CONTINENTS).values()) - {"OTHER"}
 
