@@ -214,7 +214,8 @@ class RecipeEntry:
     backbone: str = _spec("", help="a name of model.backbones")
     phase: str = _spec("", help="a name of train.phases")
     init: str = _spec(FIRST_INIT, help="pretrained | <phase> (its end) | <phase>/epoch-<N>")
-    overrides: dict[str, Any] = field(default_factory=dict)  # the phase settings it changes
+    # the entry's other keys: phase settings it changes (checked against PhaseParams)
+    overrides: dict[str, Any] = field(default_factory=dict, metadata={"rest": True})
 
 
 @dataclass(frozen=True)
@@ -612,11 +613,12 @@ def _build(prefix: str, raw: Any, cls: type) -> Any:
         raise ParamsError(f"{prefix or 'params'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls, localns={})  # a field named `list` must not shadow it
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    if cls is RecipeEntry:  # its other keys override phase settings (checked against them)
-        raw = {**{k: v for k, v in raw.items() if k in fields},
-               "overrides": {k: v for k, v in raw.items() if k not in fields}}
-        fields.pop("overrides")
-        overrides = raw.pop("overrides")
+    # A field marked `rest` takes the keys the others do not name (its owner checks them).
+    rest = next((name for name, f in fields.items() if f.metadata.get("rest")), None)
+    if rest is not None:
+        fields.pop(rest)
+        extra = {k: v for k, v in raw.items() if k not in fields}
+        raw = {k: v for k, v in raw.items() if k in fields}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
@@ -628,8 +630,8 @@ def _build(prefix: str, raw: Any, cls: type) -> Any:
         if name in raw:
             key = f"{prefix}.{name}" if prefix else name
             values[name] = _convert(key, raw[name], hints[name], dict(spec.metadata))
-    if cls is RecipeEntry:
-        values["overrides"] = overrides
+    if rest is not None:
+        values[rest] = extra
     obj = cls(**values)
     validate = getattr(obj, "validate", None)
     if validate is not None:

@@ -12,8 +12,8 @@ so that every training list is a union of groups (`clean` = clean; `c2x` = + c2x
 `full` = + full_extra; `all` = + index + test) and the continent-aware sampler mixes group
 streams with fixed probabilities without reading data it discards. The reference set for
 feature extraction is the union of the training groups but `test` (no second copy of 4.9M
-images). The
-validation queries (`query`) and the evaluation index (`eval_index`) get their own groups.
+images). The validation queries (`query`) and the evaluation index (`eval_index`) get their own
+groups.
 Test images with label −1 are no training target and no reference: they are not sharded.
 
 Samples are `<key>.jpg` + `<key>.json` (id, split, label, clean, country, continent). Within a
@@ -203,7 +203,7 @@ def task_fingerprint(task: ShardTask, settings: dict) -> str:
 # A per-image entry of the fingerprint file: `<split>/<a>/<b>/<c>/<id>.jpg` (what `glr synth`
 # writes, and what `md5sum` over an extracted GLDv2 tree gives). Every other entry (GLDv2's
 # per-archive `images_XXX.tar`, with or without a `<split>/` prefix) covers a whole split.
-_IMAGE_ENTRY = r"^(train|index|test)/[0-9a-f]/[0-9a-f]/[0-9a-f]/([0-9a-f]{16})\.jpg$"
+_IMAGE_ENTRY = r"(train|index|test)/[0-9a-f]/[0-9a-f]/[0-9a-f]/[0-9a-f]{16}\.jpg"
 _MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
 
 
@@ -238,10 +238,10 @@ def image_digests(tasks: list[ShardTask], fingerprints: pd.DataFrame) -> tuple[l
     and the number of planned images that no entry covers (a change to them goes unnoticed).
     """
     fingerprints = fingerprints.astype({"md5": str, "path": str})
-    parts = fingerprints["path"].str.extract(_IMAGE_ENTRY)
-    single = parts[0].notna().to_numpy()
+    # fullmatch, not extract: 1 s instead of 20 s over GLDv2's 4.9M lines
+    single = fingerprints["path"].str.fullmatch(_IMAGE_ENTRY).to_numpy(dtype=bool)
     per_image = pd.Series(fingerprints["md5"].to_numpy()[single].astype(str),
-                          index=(parts[0] + "/" + parts[1]).to_numpy()[single].astype(str))
+                          index=fingerprints["path"].to_numpy()[single].astype(str))
     per_image = per_image[~per_image.index.duplicated(keep="last")]
     others = fingerprints[~single]
     split_digest = {}
@@ -254,10 +254,13 @@ def image_digests(tasks: list[ShardTask], fingerprints: pd.DataFrame) -> tuple[l
     if not tasks:
         return [], 0
     rows = pd.concat([t.rows[["split", "id"]] for t in tasks], ignore_index=True)
-    keys = rows["split"].astype(str) + "/" + rows["id"].astype(str)
+    ids = rows["id"].astype(str)
+    # each planned image's relative path, <split>/<a>/<b>/<c>/<id>.jpg (gldv2.image_relpath)
+    keys = (rows["split"].astype(str) + "/" + ids.str.slice(0, 1) + "/" + ids.str.slice(1, 2)
+            + "/" + ids.str.slice(2, 3) + "/" + ids + ".jpg")
     md5 = per_image.reindex(keys.to_numpy()).str.lower()
-    covered = md5.notna().to_numpy() | rows["split"].astype(str).map(
-        lambda split: bool(split_digest.get(split))).to_numpy()
+    covered_splits = [split for split, digest in split_digest.items() if digest]
+    covered = md5.notna().to_numpy() | rows["split"].astype(str).isin(covered_splits).to_numpy()
     row_hashes = pd.util.hash_pandas_object(md5.fillna("").reset_index(drop=True),
                                             index=False).to_numpy()
     digests, start = [], 0
