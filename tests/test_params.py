@@ -272,3 +272,13 @@ def test_create_backbone_refuses_other_families():
         create_backbone("res2net50_26w_4s")
     with pytest.raises(ValueError, match=r"close matches: resnet50\b"):
         create_backbone("resnet5O")
+
+
+def test_params_round_trip_through_asdict():
+    """What dataclasses.asdict writes (tests dump params files that way) loads back the same,
+    recipe overrides included."""
+    import dataclasses
+
+    params = parse_params({"train": two_phase_train("resnet18", lr=0.05, size=96)})
+    assert params.train.recipe["resnet18-p1"].overrides == {"lr": 0.05, "size": 96}
+    assert parse_params(dataclasses.asdict(params)) == params

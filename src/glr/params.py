@@ -613,11 +613,15 @@ def _build(prefix: str, raw: Any, cls: type) -> Any:
         raise ParamsError(f"{prefix or 'params'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls, localns={})  # a field named `list` must not shadow it
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    # A field marked `rest` takes the keys the others do not name (its owner checks them).
+    # A field marked `rest` takes the keys the others do not name (its owner checks them);
+    # they may also come under the field's own name, as dataclasses.asdict() writes them.
     rest = next((name for name, f in fields.items() if f.metadata.get("rest")), None)
     if rest is not None:
         fields.pop(rest)
-        extra = {k: v for k, v in raw.items() if k not in fields}
+        spelled = raw.get(rest) or {}
+        if not isinstance(spelled, dict):
+            raise ParamsError(f"{prefix}.{rest}: expected a mapping, got {spelled!r}")
+        extra = {**spelled, **{k: v for k, v in raw.items() if k not in fields and k != rest}}
         raw = {k: v for k, v in raw.items() if k in fields}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
