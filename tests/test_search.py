@@ -133,10 +133,73 @@ def test_invalid_arguments() -> None:
 
 
 @pytest.mark.skipif(search.gpu_available(), reason="a GPU is present")
-def test_use_gpu_without_gpu_raises() -> None:
-    with pytest.raises(RuntimeError, match="GPU"):
-        topk_inner_product(np.eye(4, dtype=np.float32), np.eye(4, dtype=np.float32), 1,
-                           use_gpu=True)
+def test_cuda_without_gpu_raises() -> None:
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        search.select_backend("cuda")
+
+
+def test_backend_selection() -> None:
+    assert search.select_backend("cpu", "float32").uses_faiss
+    assert not search.select_backend("cpu", "bfloat16").uses_faiss
+    expected = "bfloat16" if search.cpu_has_fast_bf16() else "float32"
+    assert search.select_backend("cpu").precision == expected
+    with pytest.raises(ValueError, match="float16 products on a CPU"):
+        search.select_backend("cpu", "float16")
+    with pytest.raises(ValueError, match="precision must be"):
+        search.select_backend("cpu", "int8")
+
+
+def correctly_rounded_top_k(queries: np.ndarray, database: np.ndarray, k: int
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """The reference answer: float64 products rounded to float32, sorted by (score desc, id
+    asc). Asserts the premise that makes it unique: no float64 product lies within
+    d·2^-52·Σ|q_i x_i| (a bound on two float64 sums' disagreement) of a float32 rounding
+    midpoint, so every backend's float64 re-scoring rounds to these same float32 values."""
+    q64, x64 = queries.astype(np.float64), database.astype(np.float64)
+    exact = q64 @ x64.T
+    rounded = exact.astype(np.float32)
+    toward = np.nextafter(rounded, np.where(exact > rounded, np.inf, -np.inf).astype(np.float32))
+    midpoint = (rounded.astype(np.float64) + toward.astype(np.float64)) / 2
+    slack = queries.shape[1] * 2.0**-52 * (np.abs(q64) @ np.abs(x64).T)
+    assert np.all(np.abs(exact - midpoint) > slack)
+    order = np.lexsort((np.broadcast_to(np.arange(len(database)), rounded.shape), -rounded),
+                       axis=1)[:, :k]
+    return np.take_along_axis(rounded, order, axis=1), order
+
+
+BACKENDS = [search.Backend("cpu", "float32"), search.Backend("cpu", "bfloat16"),
+            search.Backend("cpu", "float16"),  # torch's float16 on a CPU: slow, but exact here
+            search.Backend("cpu", "bfloat16", extra=0), search.Backend("cpu", "float32", extra=0)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: f"{b.precision}-extra{b.extra}")
+@pytest.mark.parametrize("k", [1, 30])
+def test_every_backend_gives_the_correctly_rounded_top_k(backend: search.Backend, k: int) -> None:
+    # Clustered rows (near-duplicates within 0.02) put many candidates inside the bfloat16
+    # margin, and extra=0 sends rows down the redo path.
+    rng = np.random.default_rng(7)
+    centres = unit_rows(rng, 20, dim=64)
+    database = centres[rng.integers(0, 20, 900)] + 0.02 * rng.standard_normal((900, 64))
+    database = (database / np.linalg.norm(database, axis=1, keepdims=True)).astype(np.float16)
+    queries = centres[rng.integers(0, 20, 30)] + 0.05 * rng.standard_normal((30, 64))
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    expected_scores, expected_ids = correctly_rounded_top_k(queries, database, k)
+    for block_rows in (1000, 128):
+        scores, ids = search.topk_inner_product(queries, database, k, block_rows=block_rows,
+                                                backend=backend)
+        np.testing.assert_array_equal(ids, expected_ids)
+        np.testing.assert_array_equal(scores, expected_scores)
+
+
+def test_one_pass_serves_several_query_sets() -> None:
+    rng = np.random.default_rng(8)
+    database = unit_rows(rng, 700)
+    first, second = unit_rows(rng, 12), unit_rows(rng, 40)
+    results = search.multi_topk([(first, 5), (second, 1)], database, block_rows=256)
+    for (scores, ids), (queries, k) in zip(results, [(first, 5), (second, 1)], strict=True):
+        expected_scores, expected_ids = correctly_rounded_top_k(queries, database, k)
+        np.testing.assert_array_equal(ids, expected_ids)
+        np.testing.assert_array_equal(scores, expected_scores)
 
 
 # merge_top_k and smallest_k only compare and move the given values (no arithmetic), so their

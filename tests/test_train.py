@@ -431,3 +431,33 @@ def test_auto_precision_uses_bf16_only_where_the_cpu_has_it(monkeypatch, native_
     autocast, _ = runtime.precision_context(torch.device("cpu"), "fp32")
     with autocast:
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_running_stats_sum_as_the_host_loop_did_without_reading_the_device(monkeypatch):
+    """The step loop's loss/accuracy sums stay on the device between reads and still give
+    the very float64 sums of the former per-step `loss.item() * len(labels)` host loop."""
+    generator = torch.Generator().manual_seed(0)
+    steps = [(torch.rand((), generator=generator) * 7, torch.randn(n, 5, generator=generator),
+              torch.randint(0, 5, (n,), generator=generator)) for n in [8] * 30 + [3]]
+    host_loss, host_correct = 0.0, 0
+    for loss, logits, labels in steps:
+        host_loss += loss.item() * len(labels)
+        host_correct += int((logits.argmax(1) == labels).sum())
+    stats = train.RunningStats(torch.device("cpu"))
+
+    def no_read(*args):
+        raise AssertionError("RunningStats.add read a value on the host")
+
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "__int__", "__float__", "__bool__"):
+            patch.setattr(torch.Tensor, name, no_read)
+        for loss, logits, labels in steps[:20]:
+            stats.add(loss, logits, labels)
+    first_loss, first_top1 = stats.window()
+    for loss, logits, labels in steps[20:]:
+        stats.add(loss, logits, labels)
+    assert stats.read() == (host_loss, host_correct, 8 * 30 + 3)  # exactly, not approximately
+    later_loss, _ = stats.window()
+    assert first_loss == pytest.approx(sum(s[0].item() for s in steps[:20]) / 20)
+    assert later_loss == pytest.approx(sum(s[0].item() * len(s[2]) for s in steps[20:]) / 83)
+    assert 0 <= first_top1 <= 1

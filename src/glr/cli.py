@@ -161,6 +161,31 @@ def cmd_bench_loader(args: argparse.Namespace) -> None:
                       rounds=args.rounds, workdir=args.workdir)
 
 
+def cmd_bench_extract(args: argparse.Namespace) -> None:
+    from glr.bench import extract as bench_extract
+
+    bench_extract.main(out=args.out, backbone=args.backbone, size=args.size, batch=args.batch,
+                       images=args.images, rounds=args.rounds, workers=args.workers,
+                       max_side=args.max_side, image_size=args.image_size,
+                       workdir=args.workdir)
+
+
+def cmd_bench_retrieve(args: argparse.Namespace) -> None:
+    from glr.bench import retrieve as bench_retrieve
+
+    bench_retrieve.main(out=args.out, references=args.references, queries=args.queries,
+                        index=args.index, dim=args.dim, sample=args.sample,
+                        memory_index=args.memory_index,
+                        memory_references=args.memory_references, workdir=args.workdir)
+
+
+def cmd_bench_gpu(args: argparse.Namespace) -> None:
+    from glr.bench import gpu as bench_gpu
+
+    bench_gpu.main(out=args.out, dry_run=args.dry_run, workers=args.workers,
+                   workdir=args.workdir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="glr",
@@ -378,6 +403,91 @@ def build_parser() -> argparse.ArgumentParser:
     bench_load.add_argument("--workdir", type=Path, default=None,
                             help="where the generated data goes (default: a temporary folder)")
     bench_load.set_defaults(func=cmd_bench_loader)
+
+    bench_ext = benches.add_parser(
+        "extract", help="extraction images/s: `glr extract`'s loop vs the model alone",
+        description="Generate GLDv2-like photos and shard them, then time `glr extract`'s own "
+                    "loop (shards -> DataLoader workers -> normalization -> channels_last "
+                    "forward in the stage's precision -> float16 features per shard) against "
+                    "the same model's forward on a batch held in memory, at the same batch and "
+                    "size, in alternating rounds after a warm-up; a model with random weights "
+                    "(nothing is downloaded). Reports the median rates, their ratio (target "
+                    ">= 0.9), threads, CPU (bf16/AMX), GPU and torch versions. Writes OUT.")
+    bench_ext.add_argument("--out", type=Path, default=Path("metrics/bench/extract.json"),
+                           help="result file (default: %(default)s)")
+    bench_ext.add_argument("--backbone", default=None,
+                           help="timm backbone (default: the first of params model.backbones' "
+                                "default, resnet18)")
+    bench_ext.add_argument("--size", type=int, default=None,
+                           help="input side in pixels (default: params model.size's default)")
+    bench_ext.add_argument("--batch", type=int, default=None,
+                           help="batch size (default: params extract.batch's default)")
+    bench_ext.add_argument("--images", type=int, default=1024,
+                           help="images per side per round, rounded up to whole batches "
+                                "(default: %(default)s)")
+    bench_ext.add_argument("--rounds", type=int, default=3,
+                           help="alternating rounds; medians are reported (default: 3)")
+    bench_ext.add_argument("--workers", type=int, default=None,
+                           help="DataLoader workers (default: params extract.workers' default)")
+    bench_ext.add_argument("--max-side", type=int, default=None,
+                           help="shard.max_side of the generated shards, at least --size "
+                                "(default: params shard.max_side's default)")
+    bench_ext.add_argument("--image-size", type=_image_size, default=(800, 600),
+                           metavar="WxH", help="generated photo size (default: 800x600)")
+    bench_ext.add_argument("--workdir", type=Path, default=None,
+                           help="where the generated data goes (default: a temporary folder)")
+    bench_ext.set_defaults(func=cmd_bench_extract)
+
+    bench_gpu = benches.add_parser(
+        "gpu", help="one GPU: training, extraction and 1M-reference retrieval rates (<10 min)",
+        description="On one NVIDIA GPU: (a) training steps of recipes/gldv2-r50-256.yaml's "
+                    "phase p1 (ResNet50, 256 px, batch 128, fp16 + channels_last) through the "
+                    "real loader vs from a batch in GPU memory; (b) `glr bench extract`'s "
+                    "comparison with the recipe's model and size; (c) "
+                    "glr.rerank.reference_neighbors for 1,129 queries and 50,000 index images "
+                    "against 1,000,000 random references (reported as not available without "
+                    "that API). Writes OUT with the card, torch and CUDA versions, each rate "
+                    "and the ratios. Without a GPU it says so and writes nothing; --dry-run "
+                    "runs every part on the CPU at toy sizes.")
+    bench_gpu.add_argument("--out", type=Path, default=Path("metrics/bench/gpu.json"),
+                           help="result file (default: %(default)s)")
+    bench_gpu.add_argument("--dry-run", action="store_true",
+                           help="every part on the CPU at toy sizes (ResNet18, 64 px, a few "
+                                "steps, 3,000 references): checks the code path, not speed")
+    bench_gpu.add_argument("--workers", type=int, default=None,
+                           help="DataLoader workers (default: CPU count - 1; 0 in a dry run)")
+    bench_gpu.add_argument("--workdir", type=Path, default=None,
+                           help="where the generated data goes (default: a temporary folder)")
+    bench_gpu.set_defaults(func=cmd_bench_gpu)
+
+    bench_ret = benches.add_parser(
+        "retrieve", help="the retrieve stage vs the authors' per-query procedure, and memory",
+        description="On generated clustered float16 features (the extract layout), time "
+                    "`glr.retrieve.main` and a transcription of the authors' procedure (their "
+                    "per-query part on --sample queries, scaled), each in its own process; "
+                    "compare the top-100 rows, peak RSS, and the time the products alone need "
+                    "at this machine's measured GEMM rate (the floor). Then run the stage with "
+                    "4 backbones at a scaled GLDv2 shape and check its memory model. Targets: "
+                    ">= 3x the authors', >= 99%% identical rows, <= 1.5x the floor, peak RSS "
+                    "<= reference bytes + 2 GB. Writes OUT.")
+    bench_ret.add_argument("--out", type=Path, default=Path("metrics/bench/retrieve.json"),
+                           help="result file (default: %(default)s)")
+    bench_ret.add_argument("--references", type=int, nargs="+", default=[200_000, 1_000_000],
+                           help="reference counts to compare at (default: 200000 1000000)")
+    bench_ret.add_argument("--queries", type=int, default=200, help="default: %(default)s")
+    bench_ret.add_argument("--index", type=int, default=20_000, help="default: %(default)s")
+    bench_ret.add_argument("--dim", type=int, default=512, help="default: %(default)s")
+    bench_ret.add_argument("--sample", type=int, default=20,
+                           help="queries the authors' per-query part is timed on "
+                                "(default: %(default)s)")
+    bench_ret.add_argument("--memory-index", type=int, default=190_000,
+                           help="index images of the 4-backbone memory check (0: skip it; "
+                                "default: %(default)s, a quarter of GLDv2's)")
+    bench_ret.add_argument("--memory-references", type=int, default=10_000,
+                           help="references of the memory check (default: %(default)s)")
+    bench_ret.add_argument("--workdir", type=Path, default=None,
+                           help="where the generated features go (default: a temporary folder)")
+    bench_ret.set_defaults(func=cmd_bench_retrieve)
     return parser
 
 

@@ -385,6 +385,17 @@ class RetrieveParams:
     full_kr_lambda: float = _spec(0.3, min=0.0, max=1.0)
     weights: list[float] = _spec([], min=0.0, help="ensemble weight per backbone; [] = all 1")
     block_rows: int = _spec(262_144, min=1, help="reference rows searched at a time")
+    device: Literal["auto", "cpu", "cuda"] = _spec(
+        "auto", help="where reference searches run; auto: a CUDA GPU when torch sees one")
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = _spec(
+        "auto", help="fast products that pick candidates, re-scored exactly (glr.search); "
+                     "auto: float16 on a GPU, bfloat16 on a CPU with AMX / AVX-512 BF16, "
+                     "else float32")
+
+    def validate(self, prefix: str) -> None:
+        if self.device == "cpu" and self.precision == "float16":
+            raise ParamsError(f"{prefix}.precision: float16 products on a CPU are emulated "
+                              "and very slow; use float32, or bfloat16 on a CPU with AMX")
 
 
 @dataclass(frozen=True)

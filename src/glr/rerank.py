@@ -18,9 +18,9 @@ the optional full k-reciprocal rerank of the queries against a small index
 (`k_reciprocal_rerank`).
 
 Memory: the reference matrix R (4.9M rows, float16, possibly memory-mapped) is only read through
-`glr.search.topk_inner_product`, block by block, and by gathering the few rows near the queries;
-no query × reference or index × reference matrix is built. Query × index matrices are processed
-in row chunks, so temporaries stay small next to S itself.
+`glr.search.multi_topk`, block by block in two passes (`reference_neighbors`), and by gathering
+the few rows near the queries; no query × reference or index × reference matrix is built.
+Query × index matrices are processed in row chunks, so temporaries stay small next to S itself.
 
 Ties are resolved towards the lower index everywhere (nearest-neighbor ranks, the best
 references of a query, `top_k_ids`), so results do not depend on sort algorithms.
@@ -35,7 +35,9 @@ import numpy as np
 
 from glr.search import (
     DEFAULT_BLOCK_ROWS,
+    Backend,
     as_float32_rows,
+    multi_topk,
     rows_per_chunk,
     smallest_k,
     topk_inner_product,
@@ -55,6 +57,11 @@ class QueryTags:
     label_weights: np.ndarray
     countries: np.ndarray
     country_weights: np.ndarray
+
+    def rows(self, part: slice) -> QueryTags:
+        """The tags of some queries."""
+        return QueryTags(self.labels[part], self.label_weights[part], self.countries[part],
+                         self.country_weights[part])
 
 
 def top_k_ids(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,6 +95,53 @@ def cosine_scores(
     return scores
 
 
+@dataclass(frozen=True)
+class ReferenceNeighbors:
+    """What the rerank needs from the reference set (reference row numbers, int64).
+
+    `index_nearest` (nX,): each index image's top-1 reference; `query_neighbors` (nQ, k): each
+    query's k nearest references; `first_ids`: their distinct ids, sorted; `second_level`
+    (len(first_ids), k): the k nearest references of each of those.
+    """
+
+    index_nearest: np.ndarray
+    query_neighbors: np.ndarray
+    first_ids: np.ndarray
+    second_level: np.ndarray
+
+
+def reference_neighbors(
+    queries: np.ndarray,
+    index: np.ndarray | None,
+    references: np.ndarray,
+    k_neighbors: int = 30,
+    *,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    backend: Backend | None = None,
+    progress: bool = False,
+) -> ReferenceNeighbors:
+    """Every reference search of the rerank, in two passes over the reference matrix.
+
+    Pass 1 serves the index images' top 1 and the queries' first level together; pass 2 the
+    second level, whose rows (the distinct first-level neighbours) are known only once pass 1
+    has seen every reference. On GLDv2 pass 1 carries 1,129 + 761,757 rows and pass 2 at most
+    1,129 × 30, so each block of pass 1 is converted once for 96% of all products.
+    `index` None: no index tagging. Exact (see glr.search), on `backend`.
+    """
+    if k_neighbors < 1:
+        raise ValueError("k_neighbors must be at least 1")
+    sets = [(queries, k_neighbors)] + ([] if index is None else [(index, 1)])
+    found = multi_topk(sets, references, block_rows=block_rows, backend=backend,
+                       progress=progress)
+    first_level = found[0][1]
+    index_nearest = (np.zeros(0, np.int64) if index is None else found[1][1][:, 0])
+    first_ids = np.unique(first_level)
+    (_, second_level), = multi_topk([(np.asarray(references[first_ids]), k_neighbors)],
+                                    references, block_rows=block_rows, backend=backend,
+                                    progress=progress)
+    return ReferenceNeighbors(index_nearest, first_level, first_ids, second_level)
+
+
 def index_tags(
     index: np.ndarray,
     references: np.ndarray,
@@ -95,14 +149,18 @@ def index_tags(
     ref_countries: np.ndarray,
     *,
     block_rows: int = DEFAULT_BLOCK_ROWS,
-    use_gpu: bool | None = None,
+    backend: Backend | None = None,
+    nearest: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Label and country (int64, (nX,) each) of every index image's top-1 reference by cosine.
 
-    The references are streamed in blocks of `block_rows` rows (see `topk_inner_product`).
+    `nearest`: the top-1 reference ids when already found (`reference_neighbors`); else the
+    references are searched here, streamed in blocks of `block_rows` rows.
     """
-    _, nearest = topk_inner_product(index, references, 1, block_rows=block_rows, use_gpu=use_gpu)
-    nearest = nearest[:, 0]
+    if nearest is None:
+        _, found = topk_inner_product(index, references, 1, block_rows=block_rows,
+                                      backend=backend)
+        nearest = found[:, 0]
     labels = np.asarray(ref_labels)[nearest].astype(np.int64)
     countries = np.asarray(ref_countries)[nearest].astype(np.int64)
     return labels, countries
@@ -156,29 +214,30 @@ def query_tags(
     lambda_value: float = 0.5,
     top: int = 3,
     block_rows: int = DEFAULT_BLOCK_ROWS,
-    use_gpu: bool | None = None,
+    backend: Backend | None = None,
+    neighbors: ReferenceNeighbors | None = None,
 ) -> QueryTags:
     """Landmark and country tags of each query from its k-reciprocal best references.
 
     For query q: U = its `k_neighbors` nearest references ∪ their own `k_neighbors` nearest
     references; on {q} ∪ U, `k_reciprocal_distance` gives the final distance of q to each member
     of U; the `top` members with the highest similarity 1 − distance (ties: lower reference id)
-    vote for their labels and countries (`tag_weights`). The reference matrix is streamed in
-    blocks (two `topk_inner_product` calls); only rows of U are gathered from it.
+    vote for their labels and countries (`tag_weights`). `neighbors`: the searches' result
+    when already done (`reference_neighbors`, with `k_neighbors` neighbours); else the
+    reference matrix is streamed here (`reference_neighbors` without index). Only rows of U
+    are gathered from it afterwards.
     """
     if top < 1 or k_neighbors < 1:
         raise ValueError("top and k_neighbors must be at least 1")
     query_rows = as_float32_rows(queries)
     num_queries = query_rows.shape[0]
-    _, first_level = topk_inner_product(
-        query_rows, references, k_neighbors, block_rows=block_rows, use_gpu=use_gpu
-    )
-    # One search for the neighbors of every distinct first-level reference.
-    first_ids = np.unique(first_level)
-    first_rows = as_float32_rows(references[first_ids])
-    _, second_level = topk_inner_product(
-        first_rows, references, k_neighbors, block_rows=block_rows, use_gpu=use_gpu
-    )
+    if neighbors is None:
+        neighbors = reference_neighbors(query_rows, None, references, k_neighbors,
+                                        block_rows=block_rows, backend=backend)
+    if neighbors.query_neighbors.shape[0] != num_queries:
+        raise ValueError("neighbors were found for other queries")
+    first_level, first_ids = neighbors.query_neighbors, neighbors.first_ids
+    second_level = neighbors.second_level
     second_of_first = np.searchsorted(first_ids, first_level)
 
     best = np.full((num_queries, top), -1, dtype=np.int64)

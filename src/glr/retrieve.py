@@ -6,7 +6,17 @@ their code; then, when `retrieve.rerank` is on, the authors' Landmark-Country aw
 (glr.rerank: index images tagged by their top-1 reference, queries by k-reciprocal
 similarity to the references, S += α·w_label + β·v_country). The ensemble is the
 weighted sum of the backbones' S. The reference matrix (4.9M × 512 on GLDv2) is memory-mapped
-and streamed in blocks by glr.search; no query×reference or index×reference matrix is built.
+and streamed in blocks, twice per backbone (`rerank.reference_neighbors`), by glr.search on the
+`retrieve.device` / `retrieve.precision` backend; no query×reference or index×reference matrix
+is built.
+
+Memory (GLDv2: 1,129 queries × 761,757 index images, d = 512, any number of backbones): one
+dense float32 query × index matrix, the ensemble's plain scores (3.4 GB); the current
+backbone's index features in float32 (1.6 GB); one converted reference block (0.5 GB) and
+chunks of ~128 MB. Every per-backbone ranking and the reranked variants are computed a chunk
+of queries at a time; the rerank's boosts are sparse (tags), added per chunk. About 6 GB in
+all, beyond the page cache of the memory-mapped features. `retrieve.full_kr` adds two dense
+matrices (6.9 GB).
 
 Writes `data/retrieval/`:
 
@@ -29,10 +39,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from glr import metric, rerank
-from glr.params import Params
+from glr import metric, rerank, search
+from glr.params import Params, RetrieveParams
 
 log = logging.getLogger(__name__)
+
+# Query × index scores computed at a time: 32M float32 (128 MB), 42 queries on GLDv2.
+SCORE_CHUNK_ELEMENTS = 1 << 25
 
 
 @dataclass
@@ -62,37 +75,81 @@ def load_features(folder: Path) -> Features:
     )
 
 
-def backbone_scores(features: Features, params: Params, country_codes: dict[str, int]
-                    ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(plain cosine S, reranked S or None) of one backbone."""
-    settings = params.retrieve
-    plain = rerank.cosine_scores(features.query, features.index)
-    # The full k-reciprocal rerank (off in the submission) replaces the cosine similarity that
-    # the Landmark-Country rerank then adds its tags to, as in the authors' code.
-    base = (rerank.k_reciprocal_rerank(features.query, features.index, k1=settings.full_kr_k1,
-                                       k2=settings.full_kr_k2,
-                                       lambda_value=settings.full_kr_lambda,
-                                       block_rows=settings.block_rows)
-            if settings.full_kr else plain)
-    if not settings.rerank:
-        return plain, (base if settings.full_kr else None)
+@dataclass
+class BackboneTags:
+    """The Landmark-Country rerank's tags of one backbone: index images' (label, country) and
+    the queries' weighted tags."""
+
+    index_labels: np.ndarray
+    index_countries: np.ndarray
+    queries: rerank.QueryTags
+
+
+def backbone_tags(features: Features, settings: RetrieveParams, country_codes: dict[str, int],
+                  backend: search.Backend | None = None) -> BackboneTags:
+    """Tags from the two passes over the references (`rerank.reference_neighbors`)."""
     countries = features.ref_countries.map(country_codes).to_numpy(dtype=np.int64)
+    neighbors = rerank.reference_neighbors(features.query, features.index, features.ref,
+                                           settings.k_neighbors, block_rows=settings.block_rows,
+                                           backend=backend, progress=True)
     index_labels, index_countries = rerank.index_tags(
         features.index, features.ref, features.ref_labels, countries,
-        block_rows=settings.block_rows)
+        nearest=neighbors.index_nearest)
     tags = rerank.query_tags(features.query, features.ref, features.ref_labels, countries,
                              k_neighbors=settings.k_neighbors, k1=settings.k1, k2=settings.k2,
                              lambda_value=settings.lambda_value, top=settings.top,
-                             block_rows=settings.block_rows)
-    reranked = rerank.landmark_country_rerank(base, index_labels, index_countries, tags,
-                                              settings.alpha, settings.beta)
+                             neighbors=neighbors)
+    return BackboneTags(index_labels, index_countries, tags)
+
+
+def add_boosts(scores: np.ndarray, tags: BackboneTags, rows: slice, settings: RetrieveParams,
+               weight: float = 1.0) -> None:
+    """scores += weight·(α·w_label + β·v_country), in place, for the queries `rows`."""
+    rerank.landmark_country_rerank(scores, tags.index_labels, tags.index_countries,
+                                   tags.queries.rows(rows), settings.alpha * weight,
+                                   settings.beta * weight, inplace=True)
+
+
+def full_kr_scores(features: Features, settings: RetrieveParams) -> np.ndarray:
+    """The full k-reciprocal similarity of queries and index (dense, `retrieve.full_kr`)."""
+    return rerank.k_reciprocal_rerank(features.query, features.index, k1=settings.full_kr_k1,
+                                      k2=settings.full_kr_k2,
+                                      lambda_value=settings.full_kr_lambda,
+                                      block_rows=settings.block_rows)
+
+
+def chunk_scores(features: Features, rows: slice, settings: RetrieveParams,
+                 tags: BackboneTags | None, kr: np.ndarray | None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(plain cosine S, reranked S or None) of one backbone for the queries `rows`.
+
+    The full k-reciprocal similarity (`kr`, off in the authors' submission) replaces the
+    cosine that the Landmark-Country rerank then adds its tags to, as in the authors' code.
+    """
+    plain = rerank.cosine_scores(features.query[rows], features.index,
+                                 block_rows=settings.block_rows)
+    if tags is None and kr is None:
+        return plain, None
+    reranked = plain.copy() if kr is None else np.array(kr[rows], dtype=np.float32)
+    if tags is not None:
+        add_boosts(reranked, tags, rows, settings)
     return plain, reranked
 
 
-def ranking_table(scores: np.ndarray, query_ids: list[str], index_ids: list[str], k: int
-                  ) -> pd.DataFrame:
-    """Top-k index ids and scores per query."""
-    order, top_scores = rerank.top_k_ids(scores, k)
+def backbone_scores(features: Features, params: Params, country_codes: dict[str, int],
+                    backend: search.Backend | None = None
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Dense (plain cosine S, reranked S or None) of one backbone, for small sets: the
+    stage's own per-chunk arithmetic on all queries at once."""
+    settings = params.retrieve
+    tags = backbone_tags(features, settings, country_codes, backend) if settings.rerank else None
+    kr = full_kr_scores(features, settings) if settings.full_kr else None
+    return chunk_scores(features, slice(0, len(features.query)), settings, tags, kr)
+
+
+def ranking_table(order: np.ndarray, top_scores: np.ndarray, query_ids: list[str],
+                  index_ids: list[str]) -> pd.DataFrame:
+    """Top-k index ids and scores per query, from `rerank.top_k_ids`' output."""
     ids = np.asarray(index_ids, dtype=object)
     return pd.DataFrame({"id": query_ids, "images": [list(ids[row]) for row in order],
                          "scores": [list(map(float, row)) for row in top_scores]})
@@ -106,15 +163,19 @@ def write_ranking(table: pd.DataFrame, path: Path) -> None:
 
 
 def main(params: Params, features_dir: Path, out_dir: Path) -> dict[str, pd.DataFrame]:
+    """Rankings of every variant; see the module docstring for the memory they take."""
     settings = params.retrieve
     backbones = params.model.backbones
     weights = settings.weights or [1.0] * len(backbones)
     if len(weights) != len(backbones):
         raise ValueError(f"params retrieve.weights has {len(weights)} values for "
                          f"{len(backbones)} backbones ({', '.join(backbones)})")
+    backend = search.select_backend(settings.device, settings.precision)
+    log.info("reference searches on %s", backend.name)
     out_dir = Path(out_dir)
-    rankings: dict[str, pd.DataFrame] = {}
-    ensemble_plain = ensemble_rerank = None
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    all_tags: list[tuple[float, BackboneTags]] = []
+    ensemble_plain = ensemble_kr = None
     query_ids: list[str] = []
     index_ids: list[str] = []
     for backbone, weight in zip(backbones, weights, strict=True):
@@ -123,26 +184,46 @@ def main(params: Params, features_dir: Path, out_dir: Path) -> dict[str, pd.Data
             raise ValueError(f"{Path(features_dir) / backbone}: query or index ids differ from "
                              f"{backbones[0]}'s; re-extract all backbones")
         query_ids, index_ids = features.query_ids, features.index_ids
+        shape = (len(query_ids), len(index_ids))
         codes = {c: i for i, c in enumerate(sorted(features.ref_countries.unique()))}
-        log.info("%s: %d queries × %d index images, %d references", backbone,
-                 len(query_ids), len(index_ids), len(features.ref))
-        plain, reranked = backbone_scores(features, params, codes)
-        rankings[f"{backbone}-plain"] = ranking_table(plain, query_ids, index_ids, settings.k)
-        ensemble_plain = plain * weight if ensemble_plain is None else (
-            ensemble_plain + plain * weight)
-        if reranked is not None:
-            rankings[f"{backbone}-rerank"] = ranking_table(reranked, query_ids, index_ids,
-                                                           settings.k)
-            ensemble_rerank = reranked * weight if ensemble_rerank is None else (
-                ensemble_rerank + reranked * weight)
-        del plain, reranked, features
+        log.info("%s: %d queries × %d index images, %d references", backbone, *shape,
+                 len(features.ref))
+        tags = backbone_tags(features, settings, codes, backend) if settings.rerank else None
+        kr = full_kr_scores(features, settings) if settings.full_kr else None
+        if ensemble_plain is None:
+            ensemble_plain = np.zeros(shape, dtype=np.float32)
+        if kr is not None and ensemble_kr is None:
+            ensemble_kr = np.zeros(shape, dtype=np.float32)
+        for rows in query_chunks(*shape):
+            plain, reranked = chunk_scores(features, rows, settings, tags, kr)
+            parts.setdefault(f"{backbone}-plain", []).append(rerank.top_k_ids(plain, settings.k))
+            if reranked is not None:
+                parts.setdefault(f"{backbone}-rerank", []).append(
+                    rerank.top_k_ids(reranked, settings.k))
+            ensemble_plain[rows] += np.float32(weight) * plain
+            if kr is not None:
+                ensemble_kr[rows] += np.float32(weight) * kr[rows]
+        if tags is not None:
+            all_tags.append((weight, tags))
+        del features, kr
     assert ensemble_plain is not None
-    rankings["ensemble-plain"] = ranking_table(ensemble_plain, query_ids, index_ids, settings.k)
-    final = "ensemble-plain"
-    if ensemble_rerank is not None:
-        rankings["ensemble-rerank"] = ranking_table(ensemble_rerank, query_ids, index_ids,
-                                                    settings.k)
-        final = "ensemble-rerank"
+    # The ensemble's rerank: Σ_b w_b·(base_b + boosts_b) = Σ_b w_b·base_b + Σ_b w_b·boosts_b,
+    # so no backbone's reranked matrix is kept; boosts are added a chunk of queries at a time.
+    rerank_variant = bool(all_tags) or ensemble_kr is not None
+    for rows in query_chunks(*ensemble_plain.shape):
+        parts.setdefault("ensemble-plain", []).append(
+            rerank.top_k_ids(ensemble_plain[rows], settings.k))
+        if rerank_variant:
+            base = ensemble_plain if ensemble_kr is None else ensemble_kr
+            scores = np.array(base[rows], dtype=np.float32)
+            for weight, tags in all_tags:
+                add_boosts(scores, tags, rows, settings, weight)
+            parts.setdefault("ensemble-rerank", []).append(rerank.top_k_ids(scores, settings.k))
+    rankings = {name: ranking_table(np.concatenate([ids for ids, _ in chunks]),
+                                    np.concatenate([scores for _, scores in chunks]),
+                                    query_ids, index_ids)
+                for name, chunks in parts.items()}
+    final = "ensemble-rerank" if rerank_variant else "ensemble-plain"
     for name, table in rankings.items():
         write_ranking(table, out_dir / "topk" / f"{name}.parquet")
     final_table = rankings[final]
@@ -152,3 +233,9 @@ def main(params: Params, features_dir: Path, out_dir: Path) -> dict[str, pd.Data
                                                        "variants": sorted(rankings)}, indent=2))
     log.info("wrote %s (%s) and %d rankings", out_dir / "submission.csv", final, len(rankings))
     return rankings
+
+
+def query_chunks(num_queries: int, num_index: int) -> list[slice]:
+    """Row slices of the queries: about SCORE_CHUNK_ELEMENTS scores each."""
+    step = search.rows_per_chunk(num_index, SCORE_CHUNK_ELEMENTS)
+    return [slice(start, min(num_queries, start + step)) for start in range(0, num_queries, step)]

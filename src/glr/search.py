@@ -1,33 +1,137 @@
 """Exact top-k inner-product search over a database too large to hold in float32 at once.
 
 The database (e.g. 4.9M reference features, float16 and memory-mapped) is read in blocks of
-`block_rows` rows. Each block is converted to float32, searched exhaustively with faiss and its
-top-k merged into the running top-k, so peak memory is one float32 block plus O(nq·k) results;
-no query × database matrix is ever built.
+`block_rows` rows, and each block is read and converted once for every query set searched
+against it (`multi_topk`: the index images' top 1 and the queries' top 30 share one pass).
+No query × database matrix is ever built: peak memory is one block plus O(rows · k) results.
+
+Exact fast products. Each block is scored by a fast kernel, the `Backend`: faiss's float32
+sgemm on a CPU, bfloat16 on a CPU that computes it natively (AMX, AVX-512 BF16), float16 on a
+GPU. The fast scores only choose candidates; the candidates are then re-scored in float64 and
+rounded to float32. A row's candidates are all database rows whose fast score is within a
+margin of its k-th fast score, where the margin is a bound on the fast kernel's error derived
+from its arithmetic (`error_bound`), so the true top k is always among them. A row whose
+candidates do not fit in the k + `extra` the kernel returned is redone with all its fast
+scores. Scores are therefore the exact inner products correctly rounded to float32 (the
+float64 sum of d exact products is within d·2^-53 relative of the exact value; it rounds
+differently only when it lies that close to a float32 rounding boundary), and every backend,
+CPU, BLAS and thread count gives the same ids and scores.
 
 Order and ties: every result row is sorted by (score descending, database index ascending), and
-an exact tie is always resolved towards the lower index, also across block boundaries. faiss's
-heaps do not promise that order among equal scores, so each block is searched for k + 1 results:
-where the k-th and (k+1)-th scores differ the block's top k is unambiguous and merged by the
-key above; the rare rows where they tie (duplicate images) are redone for that block with numpy
-and an explicit (score, index) selection (`smallest_k`).
+an exact tie is always resolved towards the lower index, also across block boundaries.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import faiss
 import numpy as np
+import torch
+
+from glr.runtime import cpu_has_fast_bf16
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_ROWS = 262_144
-# faiss's GPU k-selection supports k up to 2048; beyond it the CPU path is used.
-GPU_MAX_K = 2048
 # Temporaries of row-chunked work on a (rows, cols) matrix stay near this many elements.
 CHUNK_ELEMENTS = 1 << 22
+# Fast scores of one (rows × block) chunk on a device: elements at once (fp32: 256 MB on a CPU,
+# 1 GB on a GPU).
+SCORE_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 28}
+# Candidates re-scored at once (float64 rows of d values each): about 256 MB at d = 512.
+RESCORE_ELEMENTS = 1 << 25
+PRECISIONS = ("float32", "bfloat16", "float16")
+U32 = 2.0**-24  # float32 unit roundoff (round to nearest)
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
+# Accumulation: sums in float32 that may truncate instead of round (tensor cores), or split
+# and reorder: one float32 ulp per addition, u = 2^-23, any order.
+ACCUMULATION_U = 2.0**-23
+# float16 gradual underflow: a value below 2^-14 is rounded with an absolute error ≤ 2^-25.
+FLOAT16_ABS = 2.0**-25
 
 
 def gpu_available() -> bool:
-    """True when the installed faiss has GPU support and sees at least one GPU."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    """True when torch sees a CUDA GPU."""
+    return torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where and in which precision the fast products run.
+
+    `extra`: candidates kept beyond k per row before the margin test (more: fewer rows redone
+    with all their scores, a slightly larger top-k selection).
+    """
+
+    device: str = "cpu"
+    precision: str = "float32"
+    extra: int = 8
+
+    @property
+    def name(self) -> str:
+        kernel = "faiss" if self.uses_faiss else "torch"
+        return f"{self.device}-{self.precision} ({kernel})"
+
+    @property
+    def uses_faiss(self) -> bool:
+        return self.device == "cpu" and self.precision == "float32"
+
+
+def select_backend(device: str = "auto", precision: str = "auto") -> Backend:
+    """The backend for this machine: `device` auto|cpu|cuda, `precision` auto|float32|bfloat16|
+    float16. auto: float16 on a GPU, bfloat16 on a CPU with native bfloat16, else float32.
+    float16 on a CPU is refused (CPUs emulate it: about 11 GFLOP/s on a 2-core AVX2 CPU)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if precision not in ("auto", *PRECISIONS):
+        raise ValueError(f"precision must be auto or one of {', '.join(PRECISIONS)}, "
+                         f"got {precision!r}")
+    if device == "auto":
+        device = "cuda" if gpu_available() else "cpu"
+    if device == "cuda" and not gpu_available():
+        raise RuntimeError("retrieval on cuda was asked for, but torch sees no CUDA GPU")
+    if precision == "auto":
+        precision = ("float16" if device == "cuda"
+                     else "bfloat16" if cpu_has_fast_bf16() else "float32")
+    if device == "cpu" and precision == "float16":
+        raise ValueError("float16 products on a CPU are emulated and very slow; use float32, "
+                         "or bfloat16 on a CPU with AMX / AVX-512 BF16")
+    return Backend(device, precision)
+
+
+def error_bound(backend: Backend, dim: int, query_dtype: np.dtype, database_dtype: np.dtype,
+                output_dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """(relative c, absolute a): |fast(q·x) − q·x| ≤ c·‖q‖‖x‖ + a·(‖q‖ + ‖x‖) for every pair.
+
+    Inputs are rounded to the fast dtype (relative u_in each, 0 where already representable:
+    float16 data in float16, anything in float32), multiplied, summed in float32 in any order
+    (γ_d = d·u_acc/(1 − d·u_acc) of Σ|q̂_i x̂_i|, Higham §3.1), and the sum is rounded to the
+    output dtype (bfloat16 on a CPU: u_out = 2^-8; float32 elsewhere: 2^-24). By Cauchy–Schwarz
+    Σ|q_i x_i| ≤ ‖q‖‖x‖, so c = (1 + u_q)(1 + u_x)(1 + γ_d)(1 + u_out) − 1. float16 inputs
+    rounded below 2^-14 carry an absolute error ≤ 2^-25 each instead: a = 2^-25·√d.
+    """
+    precision = backend.precision
+    u_fast = UNIT_ROUNDOFF[precision]
+
+    def input_u(dtype: np.dtype) -> float:
+        exact = (precision == "float32" and dtype in (np.float16, np.float32)) or (
+            precision == "float16" and dtype == np.float16)
+        return 0.0 if exact else u_fast
+
+    u_q, u_x = input_u(np.dtype(query_dtype)), input_u(np.dtype(database_dtype))
+    u_acc = U32 if backend.uses_faiss else ACCUMULATION_U  # faiss: CPU sgemm rounds to nearest
+    gamma = dim * u_acc / (1 - dim * u_acc)
+    u_out = {torch.bfloat16: UNIT_ROUNDOFF["bfloat16"], torch.float16: UNIT_ROUNDOFF["float16"]
+             }.get(output_dtype, U32)
+    relative = (1 + u_q) * (1 + u_x) * (1 + gamma) * (1 + u_out) - 1
+    absolute = FLOAT16_ABS * math.sqrt(dim) if precision == "float16" and (u_q or u_x) else 0.0
+    return relative, absolute
 
 
 def as_float32_rows(array: np.ndarray) -> np.ndarray:
@@ -35,9 +139,9 @@ def as_float32_rows(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def rows_per_chunk(num_cols: int) -> int:
+def rows_per_chunk(num_cols: int, elements: int = CHUNK_ELEMENTS) -> int:
     """How many rows of a matrix with `num_cols` columns to process at once."""
-    return max(1, CHUNK_ELEMENTS // max(1, num_cols))
+    return max(1, elements // max(1, num_cols))
 
 
 def smallest_k(values: np.ndarray, k: int, *, descending: bool = False) -> np.ndarray:
@@ -93,19 +197,265 @@ def merge_top_k(
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
-class _GpuBlockSearcher:
-    """Exact inner-product search of one database block at a time on GPU 0."""
+@contextmanager
+def _exact_cuda_matmul():
+    """No TF32 and no reduced-precision reductions in cuBLAS while searching: the error
+    bound assumes float32 accumulation."""
+    matmul = torch.backends.cuda.matmul
+    saved = (matmul.allow_tf32, matmul.allow_fp16_reduced_precision_reduction,
+             matmul.allow_bf16_reduced_precision_reduction)
+    matmul.allow_tf32 = False
+    matmul.allow_fp16_reduced_precision_reduction = False
+    matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        (matmul.allow_tf32, matmul.allow_fp16_reduced_precision_reduction,
+         matmul.allow_bf16_reduced_precision_reduction) = saved
 
-    def __init__(self, dim: int) -> None:
-        """Allocate the GPU resources and a flat inner-product index of dimension `dim`."""
-        self.resources = faiss.StandardGpuResources()
-        self.index = faiss.GpuIndexFlatIP(self.resources, dim)
 
-    def search(self, queries: np.ndarray, block: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
-        """Top-k of `queries` in `block` (ids local to the block)."""
-        self.index.reset()
-        self.index.add(block)
-        return self.index.search(queries, k)
+class _QuerySet:
+    """One set of query rows prepared for a backend: float32 rows, fast rows, float64 norms."""
+
+    def __init__(self, rows: np.ndarray, k: int, backend: Backend) -> None:
+        self.k = k
+        self.rows32 = as_float32_rows(rows)
+        self.norms = _row_norms(self.rows32)
+        self.device = torch.device(backend.device)
+        self.on_device = torch.from_numpy(self.rows32).to(self.device)
+        fast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(backend.precision)
+        self.fast = None if backend.uses_faiss else (
+            self.on_device if fast is None else self.on_device.to(fast))
+        # Rows that float16 holds exactly (features stored as float16) are not rounded again.
+        self.dtype = (np.dtype(np.float16) if backend.precision == "float16"
+                      and torch.equal(self.on_device.half().float(), self.on_device)
+                      else np.dtype(np.float32))
+
+    def __len__(self) -> int:
+        return len(self.rows32)
+
+
+class _Block:
+    """One database block, read and converted once: the stored rows on the device (for the
+    float64 re-scoring), the fast copy and a bound on its largest row norm."""
+
+    def __init__(self, raw: np.ndarray, backend: Backend) -> None:
+        if not raw.flags.writeable and not backend.uses_faiss:
+            raw = raw.copy()  # a read-only memory map: torch wants writable memory
+        self.raw = raw
+        self.dtype = raw.dtype
+        with warnings.catch_warnings():  # faiss's read-only memory map: torch only reads it
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.stored = torch.from_numpy(raw).to(backend.device)
+        if backend.uses_faiss:
+            self.fast32 = as_float32_rows(raw)
+            self.fast = None
+        else:
+            fast = {"bfloat16": torch.bfloat16, "float16": torch.float16,
+                    "float32": torch.float32}[backend.precision]
+            self.fast = self.stored.to(fast)
+            self.fast32 = None
+        # The largest row norm, from float32 sums of squares (relative error ≤ (d + 2)·2^-24
+        # after the square root), rounded up by that much.
+        if len(raw) == 0:
+            self.max_norm = 0.0
+        elif self.fast32 is not None:
+            self.max_norm = float(np.sqrt(np.einsum("ij,ij->i", self.fast32, self.fast32).max()))
+        else:
+            self.max_norm = float(torch.linalg.vector_norm(self.stored.float(), dim=1).max())
+        self.max_norm *= 1 + (raw.shape[1] + 2) * 2.0**-23
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+
+def _row_norms(rows: np.ndarray) -> np.ndarray:
+    """Float64 L2 norms of each row, computed a chunk at a time."""
+    norms = np.empty(len(rows), dtype=np.float64)
+    chunk = rows_per_chunk(rows.shape[1] if rows.ndim == 2 else 1)
+    for start in range(0, len(rows), chunk):
+        part = np.asarray(rows[start : start + chunk], dtype=np.float64)
+        norms[start : start + chunk] = np.sqrt(np.einsum("ij,ij->i", part, part))
+    return norms
+
+
+def _fast_scores(queries: _QuerySet, rows: slice, block: _Block) -> torch.Tensor:
+    """Fast scores of some query rows against the whole block, (rows, B), torch backends."""
+    left, right = queries.fast[rows], block.fast.T
+    if left.is_cuda and left.dtype != torch.float32:
+        try:
+            return torch.mm(left, right, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # an older torch: the bound then uses the output dtype
+            return torch.mm(left, right)
+    return torch.mm(left, right)
+
+
+def _rescore_top_k(queries: _QuerySet, rows: torch.Tensor, block: _Block,
+                   candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k of each row's candidates by float64 score rounded to float32, ties to the
+    lower id: (scores float32 (m, k), ids int64 (m, k)), on the block's device."""
+    num, width = candidates.shape
+    dim = block.stored.shape[1]
+    scores = torch.empty((num, k), dtype=torch.float32, device=candidates.device)
+    ids = torch.empty((num, k), dtype=torch.int64, device=candidates.device)
+    chunk = rows_per_chunk(width * dim, RESCORE_ELEMENTS)
+    for start in range(0, num, chunk):
+        part = slice(start, start + chunk)
+        cand, _ = candidates[part].sort(dim=1)  # ascending ids: a stable sort keeps them so
+        vectors = block.stored[cand].double()
+        query = queries.on_device[rows[part]].double()
+        exact = torch.einsum("rd,rcd->rc", query, vectors).float()
+        order = torch.sort(exact, dim=1, descending=True, stable=True).indices[:, :k]
+        scores[part] = exact.gather(1, order)
+        ids[part] = cand.gather(1, order)
+    return scores, ids
+
+
+def _block_top_k(queries: _QuerySet, block: _Block, k: int, backend: Backend
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top k of every query row in one block (ids local to the block), as numpy."""
+    num_cols = len(block)
+    keep = min(k + backend.extra, num_cols)
+    out_scores = np.empty((len(queries), k), dtype=np.float32)
+    out_ids = np.empty((len(queries), k), dtype=np.int64)
+    device = block.stored.device
+    dim = block.stored.shape[1]
+    chunk = (65_536 if backend.uses_faiss
+             else rows_per_chunk(num_cols, SCORE_ELEMENTS[backend.device]))
+    for start in range(0, len(queries), chunk):
+        rows = slice(start, min(len(queries), start + chunk))
+        if backend.uses_faiss:
+            full = None
+            values, cand = faiss.knn(queries.rows32[rows], block.fast32, keep,
+                                     metric=faiss.METRIC_INNER_PRODUCT)
+            values, cand = torch.from_numpy(values), torch.from_numpy(cand)
+            output_dtype = torch.float32
+        else:
+            full = _fast_scores(queries, rows, block)
+            output_dtype = full.dtype
+            if k == 1:  # a max is one pass over the scores; topk is several on a GPU
+                values, cand = full.max(dim=1, keepdim=True)
+            else:
+                values, cand = full.topk(keep, dim=1)
+            values = values.float()
+        relative, absolute = error_bound(backend, dim, queries.dtype, block.dtype, output_dtype)
+        norms = torch.from_numpy(queries.norms[rows]).to(device)
+        product = norms * block.max_norm
+        # Candidates: fast score ≥ k-th fast score − 2·bound; plus 2^-22·‖q‖‖x‖ for the final
+        # float32 rounding of the re-scored values (see the module docstring).
+        margin = 2 * (relative * product + absolute * (norms + block.max_norm)) + 2.0**-22 * product
+        threshold = (values[:, k - 1].double() - margin).float()
+        # float32 threshold rounded down so that no candidate is lost to its rounding
+        threshold = torch.nextafter(threshold, torch.full_like(threshold, -math.inf))
+        if full is not None and k == 1 and num_cols > 1:  # the max path: a second candidate?
+            overflow = (full.float() >= threshold[:, None]).sum(dim=1) > 1
+        elif keep < num_cols:
+            overflow = values[:, keep - 1] >= threshold
+        else:
+            overflow = torch.zeros(len(values), dtype=torch.bool, device=values.device)
+        row_ids = torch.arange(rows.start, rows.stop, device=device)
+        fits = ~overflow
+        scores, ids = _rescore_top_k(queries, row_ids[fits.to(device)], block,
+                                     cand[fits].to(device), k)
+        local_fits = torch.nonzero(fits).ravel().cpu().numpy()
+        out_scores[rows.start + local_fits] = scores.cpu().numpy()
+        out_ids[rows.start + local_fits] = ids.cpu().numpy()
+        over_rows = torch.nonzero(overflow).ravel()
+        if len(over_rows):
+            over_scores, over_ids = _redo_overflow(queries, rows.start, over_rows, block, full,
+                                                   threshold[over_rows], k)
+            local = over_rows.cpu().numpy()
+            out_scores[rows.start + local] = over_scores
+            out_ids[rows.start + local] = over_ids
+    return out_scores, out_ids
+
+
+def _redo_overflow(queries: _QuerySet, first_row: int, over_rows: torch.Tensor, block: _Block,
+                   full: torch.Tensor | None, thresholds: torch.Tensor, k: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with more candidates than the kernel returned: all their columns above the
+    threshold, from their full fast-score rows."""
+    device = block.stored.device
+    if full is None:  # faiss: the rows' float32 scores again, with numpy's sgemm
+        rows = first_row + over_rows.numpy()
+        full = torch.from_numpy(queries.rows32[rows] @ block.fast32.T)
+    else:
+        full = full[over_rows.to(full.device)]
+    thresholds = thresholds.to(full.device)
+    width = int((full.float() >= thresholds[:, None]).sum(dim=1).max())
+    width = max(width, k)
+    _, cand = full.topk(width, dim=1)
+    row_ids = (first_row + over_rows).to(device)
+    log.debug("%d rows re-scored with %d candidates each", len(row_ids), width)
+    scores, ids = _rescore_top_k(queries, row_ids, block, cand.to(device), k)
+    return scores.cpu().numpy(), ids.cpu().numpy()
+
+
+def _check_inputs(query_sets: Sequence[tuple[np.ndarray, int]], database: np.ndarray,
+                  block_rows: int) -> None:
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be at least 1, got {block_rows}")
+    if database.ndim != 2:
+        raise ValueError("queries and database must be 2-D arrays")
+    for queries, k in query_sets:
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if queries.ndim != 2:
+            raise ValueError("queries and database must be 2-D arrays")
+        if queries.shape[1] != database.shape[1]:
+            raise ValueError(f"dimension mismatch: queries {queries.shape[1]}, "
+                             f"database {database.shape[1]}")
+
+
+def multi_topk(
+    query_sets: Sequence[tuple[np.ndarray, int]],
+    database: np.ndarray,
+    *,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    backend: Backend | None = None,
+    progress: bool = False,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Exact top-k database rows by inner product for several query sets in one pass.
+
+    `query_sets` holds (queries (nq, d), k) pairs; the database (n, d) may be float16 and/or
+    memory-mapped and is read one block of `block_rows` rows at a time, converted once per
+    block for all sets. Returns per set `(scores, indices)`: float32 and int64, both
+    (nq, min(k, n)), each row sorted by score descending with exact ties resolved to the
+    lower database index; scores are the exact inner products rounded to float32 (see the
+    module docstring), whatever the backend (default: `select_backend()`).
+    """
+    _check_inputs(query_sets, database, block_rows)
+    backend = backend or select_backend()
+    num_rows = database.shape[0]
+    sets = [_QuerySet(queries, min(k, num_rows), backend) for queries, k in query_sets]
+    results = [(np.zeros((len(s), s.k), np.float32), np.zeros((len(s), s.k), np.int64))
+               for s in sets]
+    active = [i for i, s in enumerate(sets) if len(s) and s.k]
+    if not active:
+        return results
+    best = {i: (np.empty((len(sets[i]), 0), np.float32), np.empty((len(sets[i]), 0), np.int64))
+            for i in active}
+    starts = range(0, num_rows, block_rows)
+    if progress:
+        from glr.progress import progress_bar
+
+        starts = progress_bar(starts, total=len(starts), unit="block",
+                              desc=f"search {num_rows:,} rows ({backend.name})")
+    with _exact_cuda_matmul() if backend.device == "cuda" else _nothing():
+        for start in starts:
+            block = _Block(np.ascontiguousarray(database[start : start + block_rows]), backend)
+            for i in active:
+                k = sets[i].k
+                scores, ids = _block_top_k(sets[i], block, min(k, len(block)), backend)
+                best[i] = merge_top_k(*best[i], scores, ids + start, k)
+    for i in active:
+        results[i] = best[i]
+    return results
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 def topk_inner_product(
@@ -114,73 +464,7 @@ def topk_inner_product(
     k: int,
     *,
     block_rows: int = DEFAULT_BLOCK_ROWS,
-    use_gpu: bool | None = None,
+    backend: Backend | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k database rows by inner product for every query.
-
-    `queries` (nq, d) and `database` (n, d) may be float16 and/or memory-mapped; the queries are
-    converted to float32 once, the database one block of `block_rows` rows at a time. Returns
-    `(scores, indices)`: float32 and int64, both (nq, min(k, n)), each row sorted by score
-    descending with exact ties resolved to the lower database index (see the module docstring).
-    `use_gpu=None` uses a GPU when faiss has GPU support and sees one, else the CPU; True demands
-    a GPU. faiss's global thread settings are left as they are.
-    """
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    if block_rows < 1:
-        raise ValueError(f"block_rows must be at least 1, got {block_rows}")
-    if queries.ndim != 2 or database.ndim != 2:
-        raise ValueError("queries and database must be 2-D arrays")
-    if queries.shape[1] != database.shape[1]:
-        raise ValueError(
-            f"dimension mismatch: queries {queries.shape[1]}, database {database.shape[1]}"
-        )
-    if use_gpu and not gpu_available():
-        raise RuntimeError("use_gpu=True but faiss has no GPU support or sees no GPU")
-
-    num_queries, num_rows = queries.shape[0], database.shape[0]
-    k = min(k, num_rows)
-    if num_queries == 0 or k == 0:
-        return np.zeros((num_queries, k), np.float32), np.zeros((num_queries, k), np.int64)
-
-    best_scores = np.empty((num_queries, 0), dtype=np.float32)
-    best_ids = np.empty((num_queries, 0), dtype=np.int64)
-    query_rows = as_float32_rows(queries)
-    # k + 1: see _block_top_k.
-    on_gpu = (gpu_available() if use_gpu is None else use_gpu) and k + 1 <= GPU_MAX_K
-    gpu_searcher = _GpuBlockSearcher(query_rows.shape[1]) if on_gpu else None
-
-    for start in range(0, num_rows, block_rows):
-        block = as_float32_rows(database[start : start + block_rows])
-        scores, ids = _block_top_k(query_rows, block, k, gpu_searcher)
-        best_scores, best_ids = merge_top_k(best_scores, best_ids, scores, ids + start, k)
-    return best_scores, best_ids
-
-
-def _block_top_k(
-    query_rows: np.ndarray, block: np.ndarray, k: int, gpu_searcher: _GpuBlockSearcher | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of float32 queries in one float32 block, ids local; exact ties to the lower id.
-
-    Asks faiss for k + 1 results; rows whose k-th and (k+1)-th scores tie are recomputed with
-    numpy, since faiss may have kept any of the tied ids.
-    """
-    block_len = block.shape[0]
-    fetch = min(k + 1, block_len)
-    if gpu_searcher is not None:
-        scores, ids = gpu_searcher.search(query_rows, block, fetch)
-    else:
-        scores, ids = faiss.knn(query_rows, block, fetch, metric=faiss.METRIC_INNER_PRODUCT)
-    if fetch <= k:  # the whole block is kept: the merge orders ties
-        return scores, ids
-
-    tied_rows = np.nonzero(scores[:, k - 1] == scores[:, k])[0]
-    scores, ids = np.ascontiguousarray(scores[:, :k]), np.ascontiguousarray(ids[:, :k])
-    chunk_rows = rows_per_chunk(block_len)
-    for chunk_start in range(0, len(tied_rows), chunk_rows):
-        rows = tied_rows[chunk_start : chunk_start + chunk_rows]
-        exact = query_rows[rows] @ block.T
-        top = smallest_k(exact, k, descending=True)
-        ids[rows] = top
-        scores[rows] = np.take_along_axis(exact, top, axis=1)
-    return scores, ids
+    """Exact top-k database rows by inner product for every query: `multi_topk` of one set."""
+    return multi_topk([(queries, k)], database, block_rows=block_rows, backend=backend)[0]

@@ -295,6 +295,84 @@ class History:
         self.path.write_text("\n".join(lines) + "\n")
 
 
+# Steps between reads of the running loss and accuracy for TensorBoard and the progress bar.
+# Each read (`.item()`) makes the host wait until the GPU has run every queued kernel; reading
+# every step would keep the GPU from running ahead of the input pipeline.
+LOG_EVERY = 20
+
+
+class RunningStats:
+    """An epoch's loss sum and correct count, kept on the training device between reads.
+
+    The loss sum is float64: each term, a float32 batch mean times the batch size (< 2^29), is
+    exact in float64, and the terms are added one by one in step order, so the sum is bit for
+    bit the one of a host loop over `loss.item() * len(labels)` in Python floats (IEEE float64
+    addition on any device). The epoch's loss and top-1 in the run history thus do not depend
+    on how often they are read.
+    """
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.seen = 0  # batch sizes are known on the host without asking the device
+        self.logged: tuple[float, int, int] = (0.0, 0, 0)  # the sums at the last window
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Count one step (queues device work only; never waits for it)."""
+        self.loss += loss.detach().double() * labels.shape[0]
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.seen += labels.shape[0]
+
+    def read(self) -> tuple[float, int, int]:
+        """(loss sum, correct, seen) of the epoch so far; waits for the device."""
+        return self.loss.item(), int(self.correct.item()), self.seen
+
+    def window(self) -> tuple[float, float]:
+        """Mean loss and top-1 over the steps since the previous window (reads the device).
+
+        A difference of running sums: off by float64 rounding of the sums, for curves only.
+        """
+        now = self.read()
+        loss, correct, seen = (a - b for a, b in zip(now, self.logged, strict=True))
+        self.logged = now
+        return loss / max(1, seen), correct / max(1, seen)
+
+
+def log_steps(writer: SummaryWriter, bar, stats: RunningStats, optimizer: torch.optim.Optimizer,
+              scaler, global_step: int) -> None:
+    """One TensorBoard point per LOG_EVERY steps (their means, at the last one's step) and the
+    progress bar's figures: the only places the step loop reads from the device."""
+    loss, top1 = stats.window()
+    writer.add_scalar("train/loss", loss, global_step)
+    writer.add_scalar("train/top1", top1, global_step)
+    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
+    if scaler is not None:
+        writer.add_scalar("train/grad_scale", scaler.get_scale(), global_step)  # reads too
+    _, correct, seen = stats.logged
+    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{correct / max(1, seen):.3f}")
+
+
+def train_step(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, criterion,
+               optimizer: torch.optim.Optimizer, scaler, autocast
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a uint8 batch (moved to the labels' device, normalized there,
+    channels_last); returns (loss, logits), still on the device. `glr bench gpu` times it."""
+    images = normalize(images.to(labels.device, non_blocking=True))
+    images = images.contiguous(memory_format=torch.channels_last)
+    with autocast:
+        logits, _ = net(images, labels)
+        loss = criterion(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss, logits
+
+
 def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: Path,
                 env: Dist, stop_after_epochs: int | None = None) -> dict:
     """Train one phase; returns the final epoch's summary. Rank 0 writes all files."""
@@ -334,48 +412,31 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: 
                             pin_memory=env.device.type == "cuda",
                             persistent_workers=False)
         net.train()
-        totals = {"loss": 0.0, "correct": 0, "seen": 0}
+        stats = RunningStats(env.device)
         started = time.perf_counter()
         desc = f"{plan.backbone}/{plan.name} epoch {epoch + 1}/{phase.epochs}"
         bar = progress_bar(loader, total=plan.steps_per_epoch, disable=not env.main,
                            unit="step", desc=desc)
+        step = 0
         for step, (images, labels) in enumerate(bar):
             # this iteration's LR, from (epoch, step) alone: a resumed run gets the same ones
             scheduler.step(epoch_time(epoch, step, plan.steps_per_epoch))
-            images = normalize(images.to(env.device, non_blocking=True))
-            images = images.contiguous(memory_format=torch.channels_last)
             labels = labels.to(env.device, non_blocking=True)
-            with autocast:
-                logits, _ = net(images, labels)
-                loss = criterion(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            loss_value = loss.item()
-            correct = int((logits.detach().argmax(1) == labels).sum())
-            totals["loss"] += loss_value * len(labels)
-            totals["correct"] += correct
-            totals["seen"] += len(labels)
-            if writer is not None:
-                global_step = epoch * plan.steps_per_epoch + step
-                writer.add_scalar("train/loss", loss_value, global_step)
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
-                writer.add_scalar("train/top1", correct / len(labels), global_step)
-                if scaler is not None:
-                    writer.add_scalar("train/grad_scale", scaler.get_scale(), global_step)
-                bar.set_postfix(loss=f"{loss_value:.3f}",
-                                acc=f"{totals['correct'] / totals['seen']:.3f}")
+            loss, logits = train_step(net, images, labels, criterion, optimizer, scaler,
+                                      autocast)
+            stats.add(loss, logits, labels)  # no host read here: the GPU runs on ahead
+            if writer is not None and (step + 1) % LOG_EVERY == 0:
+                log_steps(writer, bar, stats, optimizer, scaler,
+                          epoch * plan.steps_per_epoch + step)
+        if writer is not None and stats.seen > stats.logged[2]:  # the epoch's last few steps
+            log_steps(writer, bar, stats, optimizer, scaler, epoch * plan.steps_per_epoch + step)
+        loss_sum, correct, seen = stats.read()
         seconds = time.perf_counter() - started
-        images_per_s = totals["seen"] * env.world / seconds
+        images_per_s = seen * env.world / seconds
         # Only deterministic values go to files (the TSV, config.json): a rerun with the same
         # seed then reproduces every DVC output byte for byte. Speed goes to logs/TensorBoard.
-        summary = {"epoch": epoch + 1, "loss": totals["loss"] / max(1, totals["seen"]),
-                   "top1": totals["correct"] / max(1, totals["seen"]),
+        summary = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen),
+                   "top1": correct / max(1, seen),
                    "lr": optimizer.param_groups[0]["lr"]}  # the epoch's last LR
         if env.main:
             assert writer is not None and history is not None
