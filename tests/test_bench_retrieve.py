@@ -7,6 +7,7 @@ from pathlib import Path
 
 from glr.bench import retrieve as bench_retrieve
 from glr.retrieve import SCORE_CHUNK_ELEMENTS
+from glr.search import RESCORE_ELEMENTS
 
 
 def test_memory_model_of_the_full_gldv2_shape_is_within_8_gb() -> None:
@@ -17,9 +18,10 @@ def test_memory_model_of_the_full_gldv2_shape_is_within_8_gb() -> None:
     assert model["index_features"] == 6 * 761_757 * 512
     assert model["reference_block"] == 4 * 262_144 * 512
     assert model["score_chunks"] == 12 * SCORE_CHUNK_ELEMENTS
+    assert model["rescoring"] == 10 * RESCORE_ELEMENTS
     assert model["total"] == sum(model[name] for name in
                                  ("ensemble_scores", "index_features", "reference_block",
-                                  "score_chunks"))
+                                  "rescoring", "score_chunks"))
     assert model["total"] < 8 * 2**30
     with_kr = bench_retrieve.memory_model(shape["queries"], shape["index"], 512, 262_144, 4,
                                           full_kr=True)

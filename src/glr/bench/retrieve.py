@@ -102,11 +102,13 @@ def memory_model(queries: int, index: int, dim: int, block_rows: int, backbones:
     """Bytes `glr.retrieve.main` holds beyond the interpreter and the page cache, by part
     (see the retrieve module docstring)."""
     from glr.retrieve import SCORE_CHUNK_ELEMENTS
+    from glr.search import RESCORE_ELEMENTS
 
     parts = {
         "ensemble_scores": 4 * queries * index,  # one dense float32 matrix for all backbones
         "index_features": 6 * index * dim,  # float16 as loaded + float32, of one backbone
         "reference_block": 4 * block_rows * dim,  # one block converted to float32
+        "rescoring": 10 * RESCORE_ELEMENTS,  # candidate rows gathered (float16) and in float64
         "score_chunks": 3 * 4 * SCORE_CHUNK_ELEMENTS,  # plain, reranked, and a temporary
     }
     if full_kr:
