@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
 
@@ -326,6 +325,8 @@ def _block_top_k(queries: _QuerySet, block: _Block, k: int, backend: Backend
         rows = slice(start, min(len(queries), start + chunk))
         if backend.uses_faiss:
             full = None
+            import faiss  # here: a GPU machine needs no faiss
+
             values, cand = faiss.knn(queries.rows32[rows], block.fast32, keep,
                                      metric=faiss.METRIC_INNER_PRODUCT)
             values, cand = torch.from_numpy(values), torch.from_numpy(cand)
