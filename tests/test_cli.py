@@ -61,3 +61,60 @@ def test_synth_then_prepare_through_the_console_script(tmp_path):
     metrics = json.loads((tmp_path / "prepare.json").read_text())
     assert metrics["clean"]["images"] == truth["clean"]["images"]
     assert metrics["all"]["images"] == truth["all_holdout"]["images"]
+
+
+def _variant(value: float) -> dict:
+    return {"map@100": value, "map@100_public": value / 2, "map@100_private": value * 2}
+
+
+def test_report_prints_the_headline(tmp_path, capsys):
+    one = {"map@100": 0.3, "map@100_public": 0.15, "map@100_private": 0.6, "queries": 79,
+           "contaminated": False,
+           "variants": {"ensemble-plain": _variant(0.1), "ensemble-rerank": _variant(0.3),
+                        "resnet18-plain": _variant(0.1), "resnet18-rerank": _variant(0.3)}}
+    path = tmp_path / "evaluate.json"
+    path.write_text(json.dumps(one))
+    main(["report", "--metrics", str(path)])
+    lines = capsys.readouterr().out.splitlines()
+    # one backbone: no ensemble rows, which would repeat the backbone's
+    assert lines == [
+        "mAP@100 on 79 validation queries (metrics/evaluate.json)",
+        "                           all  public  private",
+        "resnet18  plain search  0.1000  0.0500   0.2000",
+        "resnet18  + rerank      0.3000  0.1500   0.6000",
+        "submission: mAP@100 0.3000 (public 0.1500, private 0.6000)",
+    ]
+
+
+def test_report_shows_the_ensemble_of_several_backbones():
+    from glr.evaluate import headline
+
+    metrics = {"map@100": 0.5, "map@100_public": 0.25, "map@100_private": 1.0,
+               "queries": 1129, "contaminated": True,
+               "variants": {f"{name}-{kind}": _variant(value)
+                            for name in ("resnest101", "resnet50", "ensemble")
+                            for kind, value in (("plain", 0.2), ("rerank", 0.5))}}
+    lines = headline(metrics).splitlines()
+    assert [line.split()[0] for line in lines[2:8]] == ["resnest101"] * 2 + ["resnet50"] * 2 + [
+        "ensemble"] * 2
+    assert lines[-1].endswith("(contaminated: validation queries were trained on)")
+
+
+def test_report_without_metrics_says_what_to_run(tmp_path, caplog):
+    assert main(["report", "--metrics", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: no such file; run `dvc repro`" in caplog.text
+
+
+def test_query_names_a_missing_photo_or_model(tmp_path, caplog):
+    from PIL import Image
+
+    assert main(["query", str(tmp_path / "nowhere.jpg")]) == 2
+    assert "nowhere.jpg: no such photo" in caplog.text
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    assert main(["query", str(broken)]) == 2
+    assert "broken.jpg: not a readable image" in caplog.text
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (64, 48), (120, 30, 200)).save(photo)
+    assert main(["query", str(photo), "--models", str(tmp_path / "models")]) == 2
+    assert "no trained model; run `dvc repro` first" in caplog.text

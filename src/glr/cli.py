@@ -89,6 +89,17 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
     retrieve.main(load_params(args.params), args.features, args.out)
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    import json
+
+    from glr import evaluate
+
+    if not args.metrics.is_file():
+        raise ParamsError(f"{args.metrics}: no such file; run `dvc repro` (or `glr evaluate`) "
+                          "first")
+    print(evaluate.headline(json.loads(args.metrics.read_text())))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from glr import evaluate
 
@@ -111,6 +122,17 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     path = visualize.main(args.retrieval, args.shards, solution, args.out, args.queries,
                           args.top)
     log.info("wrote %s", path)
+
+
+def cmd_query(args: argparse.Namespace) -> None:
+    from glr import query
+
+    if args.top < 1:
+        raise ParamsError(f"--top must be at least 1, got {args.top}")
+    query.main(load_params(args.params), args.photos, top=args.top, models_dir=args.models,
+               features_dir=args.features, retrieval_dir=args.retrieval,
+               labels_table=args.labels, as_json=args.json, out_png=args.out,
+               shard_dir=args.shards)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -340,6 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="precision@k per variant (default: %(default)s)")
     ev.set_defaults(func=cmd_evaluate)
 
+    rep = stages.add_parser(
+        "report", help="the headline: mAP@100 per backbone, plain and reranked",
+        description="Print mAP@100 (all, public, private) of each backbone with and without "
+                    "the Landmark-Country rerank (the ensemble's too when there are several "
+                    "backbones) and the submission's, from METRICS. `make repro` ends with it; "
+                    "`dvc metrics show` has every number, the counts of metrics/prepare.json "
+                    "and metrics/shard.json included.")
+    rep.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"),
+                     help="glr evaluate's output (default: %(default)s)")
+    rep.set_defaults(func=cmd_report)
+
     vis = stages.add_parser(
         "visualize", help="a picture of queries and their top results",
         description="Draw the first QUERIES validation queries (by id) with their TOP best index "
@@ -356,6 +389,33 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--queries", type=int, default=8, help="rows (default: %(default)s)")
     vis.add_argument("--top", type=int, default=8, help="results per row (default: 8)")
     vis.set_defaults(func=cmd_visualize)
+
+    que = stages.add_parser(
+        "query", help="search the trained system with photos: top index images, landmarks",
+        description="Embed each PHOTO with every backbone's extraction model (the pipeline's "
+                    "own preprocessing: shard resize, square resize, normalization), search "
+                    "the cached index features, apply the Landmark-Country rerank with the "
+                    "index tags `glr retrieve` stored and the cached reference features, and "
+                    "print per photo the TOP index images of the ensemble and the most likely "
+                    "GLDv2 landmark ids with scores. Reads: MODELS, FEATURES, RETRIEVAL/tags, "
+                    "LABELS (and SHARDS for --out). Run `dvc repro` first.")
+    _add_params(que)
+    que.add_argument("photos", type=Path, nargs="+", metavar="PHOTO", help="image files")
+    que.add_argument("--top", type=int, default=10, help="index images per photo (default: 10)")
+    que.add_argument("--json", action="store_true", help="print JSON instead of text")
+    que.add_argument("--out", type=Path, default=None,
+                     help="also draw the photos and their results into this PNG")
+    que.add_argument("--models", type=Path, default=Path("models"),
+                     help="trained models (default: %(default)s)")
+    que.add_argument("--features", type=Path, default=Path("data/features"),
+                     help="cached features (default: %(default)s)")
+    que.add_argument("--retrieval", type=Path, default=Path("data/retrieval"),
+                     help="retrieve's output folder, for its index tags (default: %(default)s)")
+    que.add_argument("--labels", type=Path, default=Path("data/prepared/labels.parquet"),
+                     help="label → landmark id table (default: %(default)s)")
+    que.add_argument("--shards", type=Path, default=Path("data/shards"),
+                     help="shard folder, for the pictures of --out (default: %(default)s)")
+    que.set_defaults(func=cmd_query)
 
     plan = stages.add_parser(
         "plan", help="print the resolved training plan: every backbone's phases",

@@ -98,3 +98,31 @@ def standalone(solution_csv: Path, submission_csv: Path, out: Path | None) -> di
         _write(Path(out), text)
     print(text, end="")
     return result
+
+
+def headline(metrics: dict) -> str:
+    """The result in a few lines: mAP@100 (all, public, private) of each backbone with and
+    without the rerank, the ensemble's only when there are several backbones, then the final
+    submission's. `metrics` is what `main` writes (metrics/evaluate.json)."""
+    variants = metrics.get("variants", {})
+    backbones = sorted({name.rsplit("-", 1)[0] for name in variants} - {"ensemble"})
+    rows = []
+    for backbone in [*backbones, *(["ensemble"] if len(backbones) > 1 else [])]:
+        for kind, label in (("plain", "plain search"), ("rerank", "+ rerank")):
+            result = variants.get(f"{backbone}-{kind}")
+            if result is not None:
+                rows.append((backbone, label, result))
+    width = max([len(b) for b, _, _ in rows] + [8])
+    lines = [f"mAP@100 on {metrics.get('queries', '?')} validation queries "
+             "(metrics/evaluate.json)",
+             f"{'':{width}}  {'':12}  {'all':>6}  {'public':>6}  {'private':>7}"]
+    for backbone, label, result in rows:
+        lines.append(f"{backbone:{width}}  {label:12}  {result['map@100']:6.4f}  "
+                     f"{result['map@100_public']:6.4f}  {result['map@100_private']:7.4f}")
+    if "map@100" in metrics:
+        flag = "  (contaminated: validation queries were trained on)" if metrics.get(
+            "contaminated") else ""
+        lines.append(f"submission: mAP@100 {metrics['map@100']:.4f} (public "
+                     f"{metrics['map@100_public']:.4f}, private "
+                     f"{metrics['map@100_private']:.4f}){flag}")
+    return "\n".join(lines)

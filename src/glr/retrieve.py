@@ -11,7 +11,8 @@ and streamed in blocks, twice per backbone (`rerank.reference_neighbors`), by gl
 is built.
 
 Memory (GLDv2: 1,129 queries × 761,757 index images, d = 512, any number of backbones): one
-dense float32 query × index matrix, the ensemble's plain scores (3.4 GB); the current
+dense float32 query × index matrix, the ensemble's plain scores (3.4 GB; none with a single
+backbone); the current
 backbone's index features in float32 (1.6 GB); one converted reference block (0.5 GB) and
 chunks of ~128 MB. Every per-backbone ranking and the reranked variants are computed a chunk
 of queries at a time; the rerank's boosts are sparse (tags), added per chunk. About 6 GB in
@@ -22,8 +23,14 @@ Writes `data/retrieval/`:
 
     submission.csv                  Kaggle format (id,images): the final ranking (top k)
     topk/<variant>.parquet          id, images (top-k index ids), scores: every variant,
-                                    <backbone>-plain, <backbone>-rerank, ensemble-plain,
-                                    ensemble-rerank (the -rerank ones when a rerank is on)
+                                    <backbone>-plain, <backbone>-rerank, and with several
+                                    backbones ensemble-plain, ensemble-rerank (the -rerank
+                                    ones when a rerank is on)
+    tags/<backbone>.parquet         id, label, country of every index image (its top-1
+                                    reference's), for `glr query`
+    tags/<backbone>-queries.parquet id, labels, label_weights, countries, country_weights:
+                                    each query's tags (the top-3 vote)
+    variants.json                   the variants and which one is final
 """
 
 from __future__ import annotations
@@ -100,6 +107,43 @@ def backbone_tags(features: Features, settings: RetrieveParams, country_codes: d
                              lambda_value=settings.lambda_value, top=settings.top,
                              neighbors=neighbors)
     return BackboneTags(index_labels, index_countries, tags)
+
+
+def photo_tags(features: Features, settings: RetrieveParams, country_codes: dict[str, int],
+               index_labels: np.ndarray, index_countries: np.ndarray,
+               backend: search.Backend | None = None) -> BackboneTags:
+    """Tags of new queries (`features.query`) against stored index tags (`glr query`): only
+    the queries' searches over the references run."""
+    countries = features.ref_countries.map(country_codes).to_numpy(dtype=np.int64)
+    tags = rerank.query_tags(features.query, features.ref, features.ref_labels, countries,
+                             k_neighbors=settings.k_neighbors, k1=settings.k1, k2=settings.k2,
+                             lambda_value=settings.lambda_value, top=settings.top,
+                             block_rows=settings.block_rows, backend=backend)
+    return BackboneTags(index_labels, index_countries, tags)
+
+
+def write_tags(tags: BackboneTags, features: Features, codes: dict[str, int], folder: Path,
+               backbone: str) -> None:
+    """The rerank's tags as tables: `<backbone>.parquet`, each index image's label and country
+    (its top-1 reference's), which `glr query` reuses instead of searching the references for
+    761,757 index images again; `<backbone>-queries.parquet`, each query's weighted label and
+    country tags (the top-3 vote), to see why a query was reranked as it was."""
+    country_names = np.array(sorted(codes, key=codes.get), dtype=object)
+    index = pd.DataFrame({"id": features.index_ids, "label": tags.index_labels,
+                          "country": country_names[tags.index_countries]})
+    write_ranking(index, folder / f"{backbone}.parquet")
+    query = tags.queries
+    used = query.labels >= 0
+    queries = pd.DataFrame({
+        "id": features.query_ids,
+        "labels": [list(row[keep]) for row, keep in zip(query.labels, used, strict=True)],
+        "label_weights": [list(map(float, row[keep])) for row, keep in
+                          zip(query.label_weights, used, strict=True)],
+        "countries": [list(country_names[row[row >= 0]]) for row in query.countries],
+        "country_weights": [list(map(float, weights[row >= 0])) for row, weights in
+                            zip(query.countries, query.country_weights, strict=True)],
+    })
+    write_ranking(queries, folder / f"{backbone}-queries.parquet")
 
 
 def add_boosts(scores: np.ndarray, tags: BackboneTags, rows: slice, settings: RetrieveParams,
@@ -189,10 +233,13 @@ def main(params: Params, features_dir: Path, out_dir: Path) -> dict[str, pd.Data
         log.info("%s: %d queries × %d index images, %d references", backbone, *shape,
                  len(features.ref))
         tags = backbone_tags(features, settings, codes, backend) if settings.rerank else None
+        if tags is not None:
+            write_tags(tags, features, codes, out_dir / "tags", backbone)
         kr = full_kr_scores(features, settings) if settings.full_kr else None
+        several = len(backbones) > 1
         if ensemble_plain is None:
-            ensemble_plain = np.zeros(shape, dtype=np.float32)
-        if kr is not None and ensemble_kr is None:
+            ensemble_plain = np.zeros(shape if several else (0, 0), dtype=np.float32)
+        if kr is not None and ensemble_kr is None and several:
             ensemble_kr = np.zeros(shape, dtype=np.float32)
         for rows in query_chunks(*shape):
             plain, reranked = chunk_scores(features, rows, settings, tags, kr)
@@ -200,17 +247,19 @@ def main(params: Params, features_dir: Path, out_dir: Path) -> dict[str, pd.Data
             if reranked is not None:
                 parts.setdefault(f"{backbone}-rerank", []).append(
                     rerank.top_k_ids(reranked, settings.k))
-            ensemble_plain[rows] += np.float32(weight) * plain
-            if kr is not None:
-                ensemble_kr[rows] += np.float32(weight) * kr[rows]
+            if several:
+                ensemble_plain[rows] += np.float32(weight) * plain
+                if kr is not None:
+                    ensemble_kr[rows] += np.float32(weight) * kr[rows]
         if tags is not None:
             all_tags.append((weight, tags))
         del features, kr
     assert ensemble_plain is not None
     # The ensemble's rerank: Σ_b w_b·(base_b + boosts_b) = Σ_b w_b·base_b + Σ_b w_b·boosts_b,
     # so no backbone's reranked matrix is kept; boosts are added a chunk of queries at a time.
-    rerank_variant = bool(all_tags) or ensemble_kr is not None
-    for rows in query_chunks(*ensemble_plain.shape):
+    # With one backbone the ensemble would repeat its rankings: there is none then.
+    rerank_variant = settings.rerank or settings.full_kr
+    for rows in query_chunks(*ensemble_plain.shape) if len(backbones) > 1 else []:
         parts.setdefault("ensemble-plain", []).append(
             rerank.top_k_ids(ensemble_plain[rows], settings.k))
         if rerank_variant:
@@ -223,7 +272,8 @@ def main(params: Params, features_dir: Path, out_dir: Path) -> dict[str, pd.Data
                                     np.concatenate([scores for _, scores in chunks]),
                                     query_ids, index_ids)
                 for name, chunks in parts.items()}
-    final = "ensemble-rerank" if rerank_variant else "ensemble-plain"
+    final = (f"{'ensemble' if len(backbones) > 1 else backbones[0]}-"
+             f"{'rerank' if rerank_variant else 'plain'}")
     for name, table in rankings.items():
         write_ranking(table, out_dir / "topk" / f"{name}.parquet")
     final_table = rankings[final]

@@ -21,7 +21,7 @@ from glr import metric, shards
 TILE = 112
 BORDER = 5
 STRIP = 16
-GREEN, RED, BLUE = (30, 170, 60), (210, 40, 40), (40, 90, 210)
+GREEN, RED, BLUE, GREY = (30, 170, 60), (210, 40, 40), (40, 90, 210), (150, 150, 150)
 
 
 def read_images(shard_dir: Path, groups: list[str], wanted: set[str]) -> dict[str, bytes]:
@@ -51,15 +51,17 @@ def tile(data: bytes | None, frame: tuple[int, int, int], label: str) -> Image.I
     return canvas
 
 
-def render(rows: list[tuple[str, list[str], frozenset[str], float]], images: dict[str, bytes],
-           top: int) -> Image.Image:
-    """rows: (query id, ranked index ids, ground truth, AP) → a grid image."""
+def render(rows: list[tuple[str, list[str], frozenset[str] | None, float | None]],
+           images: dict[str, bytes], top: int) -> Image.Image:
+    """rows: (query id, ranked index ids, ground truth, AP) → a grid image. Without a ground
+    truth (None: `glr query`'s photos) the results are framed grey and the query unlabelled."""
     width, height = TILE + 2 * BORDER, TILE + 2 * BORDER + STRIP
     grid = Image.new("RGB", ((top + 1) * width + 8, len(rows) * height), (255, 255, 255))
     for r, (query, ranked, truth, ap) in enumerate(rows):
-        grid.paste(tile(images.get(query), BLUE, f"AP {ap:.2f}"), (0, r * height))
+        label = "query" if ap is None else f"AP {ap:.2f}"
+        grid.paste(tile(images.get(query), BLUE, label), (0, r * height))
         for c, image_id in enumerate(ranked[:top]):
-            frame = GREEN if image_id in truth else RED
+            frame = GREY if truth is None else GREEN if image_id in truth else RED
             grid.paste(tile(images.get(image_id), frame, f"#{c + 1}"),
                        (8 + (c + 1) * width, r * height))
     return grid

@@ -1,0 +1,174 @@
+"""`glr query PHOTO...`: search the trained system with new photos.
+
+Each photo gets the preprocessing its features would get in the pipeline: `glr shard`'s resize
+and JPEG re-encoding (`shard.max_side`, `shard.resize`, `shard.jpeg_quality`), extraction's square
+resize to `model.size` and normalization; each backbone of `model.backbones` embeds it with
+the model `glr extract` used (`models/<backbone>/<phase>/`, `extract.scales`), and the
+features are rounded to float16 as the cached ones are. The search is the retrieve stage's own
+code (`glr.retrieve`): the cosine against the cached index features (`data/features/`), the
+Landmark-Country rerank with the index images' tags that `glr retrieve` stored
+(`data/retrieval/tags/`) and the photos' own tags from the cached reference features, the
+weighted ensemble. Per photo: the top index images with their scores, and the most likely
+landmarks: the photos' landmark tags (the top-3 vote of the rerank), averaged over the
+backbones with the ensemble weights, as GLDv2 train landmark ids and their categories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from glr import retrieve, search, shards
+from glr.data import EvalTransform, normalize
+from glr.extract import embed, last_phase, scaled_sides
+from glr.model.folder import load_model
+from glr.params import Params, ParamsError
+
+log = logging.getLogger(__name__)
+
+
+def photo_batch(paths: list[Path], params: Params) -> torch.Tensor:
+    """The photos as the extraction stage sees them: uint8 (n, 3, size, size)."""
+    transform = EvalTransform(params.model.size)
+    images = []
+    for path in paths:
+        try:
+            data, _ = shards.prepare_image(Path(path).read_bytes(), params.shard.max_side,
+                                           params.shard.resize, params.shard.jpeg_quality)
+        except FileNotFoundError:
+            raise ParamsError(f"{path}: no such photo") from None
+        except (OSError, ValueError) as err:
+            raise ParamsError(f"{path}: not a readable image ({err})") from None
+        images.append(transform(data))
+    return torch.stack(images)
+
+
+def embed_photos(batch: torch.Tensor, model_dir: Path, params: Params) -> np.ndarray:
+    """Float16 features (n, d) of a uint8 batch with the model in `model_dir`."""
+    model, _ = load_model(model_dir)
+    model = model.to(memory_format=torch.channels_last).eval()
+    sides = scaled_sides(params.model.size, params.extract.scales)
+    with torch.inference_mode():
+        features = embed(model, normalize(batch), sides, torch.autocast("cpu", enabled=False))
+    return features.numpy().astype(np.float16)
+
+
+def read_index_tags(path: Path, index_ids: list[str], country_codes: dict[str, int]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, country codes) of the index images, in `index_ids` order, from `glr retrieve`'s
+    tag table."""
+    if not path.is_file():
+        raise ParamsError(f"{path}: no index tags; run `dvc repro retrieve` first")
+    table = pd.read_parquet(path)
+    if table["id"].tolist() != index_ids:
+        raise ParamsError(f"{path}: its index ids differ from the cached features'; rerun "
+                          "`dvc repro retrieve`")
+    countries = table["country"].map(country_codes).fillna(-1).to_numpy(dtype=np.int64)
+    return table["label"].to_numpy(dtype=np.int64), countries
+
+
+def search_photos(photo_features: dict[str, np.ndarray], params: Params, features_dir: Path,
+                  retrieval_dir: Path, top: int, backend: search.Backend | None = None
+                  ) -> tuple[list[list[tuple[str, float]]], list[dict[int, float]]]:
+    """Per photo: the `top` index images (id, score) of the ensemble ranking and its label
+    tags {global label: weight} averaged over the backbones."""
+    settings = params.retrieve
+    backbones = params.model.backbones
+    weights = settings.weights or [1.0] * len(backbones)
+    total = None
+    votes: list[dict[int, float]] = []
+    index_ids: list[str] = []
+    for backbone, weight in zip(backbones, weights, strict=True):
+        features = retrieve.load_features(Path(features_dir) / backbone)
+        features = dataclasses.replace(features, query=photo_features[backbone].astype(
+            np.float32))
+        index_ids = features.index_ids
+        rows = slice(0, len(features.query))
+        tags = None
+        if settings.rerank:
+            codes = {c: i for i, c in enumerate(sorted(features.ref_countries.unique()))}
+            labels, countries = read_index_tags(Path(retrieval_dir) / "tags" /
+                                                f"{backbone}.parquet", index_ids, codes)
+            tags = retrieve.photo_tags(features, settings, codes, labels, countries, backend)
+            votes = votes or [{} for _ in range(len(features.query))]
+            for photo, (slots, slot_weights) in enumerate(
+                    zip(tags.queries.labels, tags.queries.label_weights, strict=True)):
+                for label, share in zip(slots, slot_weights, strict=True):
+                    if label >= 0:
+                        votes[photo][int(label)] = votes[photo].get(int(label), 0.0) + (
+                            weight * float(share) / sum(weights))
+        plain, reranked = retrieve.chunk_scores(features, rows, settings, tags, None)
+        scores = reranked if reranked is not None else plain
+        total = weight * scores if total is None else total + weight * scores
+    assert total is not None
+    order, best = retrieve.rerank.top_k_ids(total, top)
+    results = [[(index_ids[j], float(s)) for j, s in zip(row, scores, strict=True)]
+               for row, scores in zip(order, best, strict=True)]
+    votes = votes or [{} for _ in results]
+    return results, [dict(sorted(v.items(), key=lambda kv: (-kv[1], kv[0]))) for v in votes]
+
+
+def main(params: Params, photos: list[Path], *, top: int, models_dir: Path, features_dir: Path,
+         retrieval_dir: Path, labels_table: Path, as_json: bool, out_png: Path | None,
+         shard_dir: Path) -> list[dict]:
+    """Embed, search, print; optionally draw the results."""
+    batch = photo_batch(photos, params)
+    photo_features = {}
+    for backbone in params.model.backbones:
+        phase = params.extract.phase or last_phase(params, backbone)
+        model_dir = Path(models_dir) / backbone / phase
+        if not (model_dir / "config.json").is_file():
+            raise ParamsError(f"{model_dir}: no trained model; run `dvc repro` first")
+        photo_features[backbone] = embed_photos(batch, model_dir, params)
+    results, votes = search_photos(photo_features, params, features_dir, retrieval_dir, top)
+    if not Path(labels_table).is_file():
+        raise ParamsError(f"{labels_table}: no label table; run `dvc repro prepare` first")
+    landmarks = pd.read_parquet(labels_table, columns=["label", "landmark_id", "category"])
+    pairs = zip(landmarks["landmark_id"], landmarks["category"], strict=True)
+    landmark_of = dict(zip(landmarks["label"], pairs, strict=True))
+    report = []
+    for photo, ranked, vote in zip(photos, results, votes, strict=True):
+        report.append({
+            "photo": str(photo),
+            "index": [{"id": image_id, "score": round(score, 6)} for image_id, score in ranked],
+            "landmarks": [{"landmark_id": int(landmark_of[label][0]), "label": label,
+                           "category": landmark_of[label][1], "score": round(share, 6)}
+                          for label, share in vote.items()],
+        })
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        for entry in report:
+            print(entry["photo"])
+            for rank, hit in enumerate(entry["index"], 1):
+                print(f"  {rank:3d}. {hit['id']}  {hit['score']:.4f}")
+            print("  landmarks:" + ("" if entry["landmarks"] else " none (no rerank)"))
+            for guess in entry["landmarks"]:
+                print(f"    {guess['score']:.2f}  {guess['landmark_id']}  {guess['category']}")
+    if out_png is not None:
+        draw(report, photos, Path(shard_dir), Path(out_png))
+    return report
+
+
+def draw(report: list[dict], photos: list[Path], shard_dir: Path, out: Path) -> Path:
+    """The photos and their top index images, like the visualize stage's picture."""
+    from glr import visualize
+
+    wanted = {hit["id"] for entry in report for hit in entry["index"]}
+    images = visualize.read_images(shard_dir, ["eval_index"], wanted)
+    rows = []
+    for number, (entry, photo) in enumerate(zip(report, photos, strict=True)):
+        key = f"photo-{number}"
+        images[key] = Path(photo).read_bytes()
+        rows.append((key, [hit["id"] for hit in entry["index"]], None, None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    top = max(len(entry["index"]) for entry in report)
+    visualize.render(rows, images, top).save(out)
+    log.info("wrote %s", out)
+    return out
