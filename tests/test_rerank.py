@@ -396,14 +396,16 @@ def test_blocked_memmap_references_equal_in_memory(tmp_path: Path,
     expected_index = rerank.index_tags(index, in_memory, ref_labels, ref_countries)
 
     # From here on, every exact search sees at most 64 database rows at a time.
+    import faiss  # glr.search imports it where it runs it; the patch reaches it there
+
     searched_rows: list[int] = []
-    knn = search.faiss.knn
+    knn = faiss.knn
 
     def recording_knn(queries, database, k, **kwargs):
         searched_rows.append(database.shape[0])
         return knn(queries, database, k, **kwargs)
 
-    monkeypatch.setattr(search.faiss, "knn", recording_knn)
+    monkeypatch.setattr(faiss, "knn", recording_knn)
     tags = rerank.query_tags(queries, mapped, ref_labels, ref_countries, block_rows=64)
     labels, countries = rerank.index_tags(index, mapped, ref_labels, ref_countries, block_rows=64)
 
