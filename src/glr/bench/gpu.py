@@ -16,7 +16,7 @@ recipe's size; see `glr.bench.extract.make_shards`):
 (c) retrieval at GLDv2 scale: `glr.rerank.reference_neighbors` for 1,129 queries and a
     50,000-image index against 1,000,000 references (random unit-norm float16 rows of 512),
     k = 30, on `glr.search.select_backend(device="cuda")`. Reported as not available when
-    that API is missing (it is imported only here, with faiss behind it).
+    that API is missing (it is imported only here).
 
 Rounds of (a) and (b) alternate between their two sides; medians are reported, with ratios.
 Results go to metrics/bench/gpu.json. Without a GPU the command says so and writes nothing,
@@ -24,7 +24,8 @@ unless --dry-run, which runs every part on the CPU at toy sizes (ResNet18, 64 px
 a few thousand references) so that tests exercise the whole code path.
 
 Needs torch, timm, numpy, pandas, pyarrow, Pillow and webdataset (the shard reader); not dvc;
-faiss only where `glr.search` imports it, for (c).
+no faiss: on a GPU `glr.search` runs torch, and imports faiss only for its CPU float32
+backend.
 """
 
 from __future__ import annotations
