@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -543,3 +544,44 @@ def test_the_full_k_reciprocal_rerank_replaces_the_cosine(rerank_on: bool) -> No
     # difference rounds once in float32 (u of its magnitude, at most |base| + |boost| <= 3)
     assert not np.array_equal(scores, without_kr)
     np.testing.assert_allclose(scores - kr, without_kr - plain, rtol=0, atol=4 * 3 * U32)
+
+
+def test_retrieve_main_ensembles_several_backbones(tmp_path):
+    """retrieve.main with two backbones: each backbone's variants and the weighted ensemble,
+    the ensemble's rerank computed as Σ w·base + Σ w·boosts a chunk at a time, equal to the
+    dense Σ w·(base + boosts) of `rerank.ensemble`."""
+    from glr import retrieve
+    from glr.bench.authors_retrieval import write_clustered_features
+    from glr.params import parse_params
+
+    names, weights = ["resnet18", "resnet34"], [1.0, 0.5]
+    for seed, name in enumerate(names):
+        write_clustered_features(tmp_path / "features" / name, num_queries=9, num_index=120,
+                                 num_refs=400, dim=16, num_landmarks=40, num_countries=5,
+                                 seed=seed)
+    recipe = {f"{name}-p1": {"backbone": name, "phase": "p1", "init": "pretrained"}
+              for name in names}
+    params = parse_params({"model": {"backbones": names}, "train": {"recipe": recipe},
+                           "retrieve": {"weights": weights, "k": 10, "k_neighbors": 8}})
+    rankings = retrieve.main(params, tmp_path / "features", tmp_path / "retrieval")
+    assert set(rankings) == {f"{n}-{v}" for n in [*names, "ensemble"] for v in ("plain",
+                                                                               "rerank")}
+    assert json.loads((tmp_path / "retrieval/variants.json").read_text())["final"] == (
+        "ensemble-rerank")
+    dense = []
+    for name in names:
+        features = retrieve.load_features(tmp_path / "features" / name)
+        codes = {c: i for i, c in enumerate(sorted(features.ref_countries.unique()))}
+        dense.append(retrieve.backbone_scores(features, params, codes))
+    for variant, position in (("plain", 0), ("rerank", 1)):
+        expected = rerank.ensemble([scores[position] for scores in dense], weights)
+        _, expected_top = rerank.top_k_ids(expected, 10)
+        got = np.array(rankings[f"ensemble-{variant}"]["scores"].tolist())
+        # The two sums round in another order: every term is at most 1.5·(1 + α + β) = 3.15
+        # and each of the ≤ 4 additions rounds by u = 2^-24 of its result (< 6.3), so the
+        # sorted top scores agree within 4·6.3·2^-24 whatever ties flip.
+        np.testing.assert_allclose(got, expected_top, rtol=0, atol=4 * 6.3 * U32)
+        for name, scores in zip(names, dense, strict=True):
+            _, own_top = rerank.top_k_ids(scores[position], 10)
+            np.testing.assert_array_equal(
+                np.array(rankings[f"{name}-{variant}"]["scores"].tolist()), own_top)

@@ -29,6 +29,7 @@ from glr.data import EvalTransform, normalize
 from glr.extract import embed, last_phase, scaled_sides
 from glr.model.folder import load_model
 from glr.params import Params, ParamsError
+from glr.runtime import precision_context
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,11 @@ def embed_photos(batch: torch.Tensor, model_dir: Path, params: Params) -> np.nda
     model, _ = load_model(model_dir)
     model = model.to(memory_format=torch.channels_last).eval()
     sides = scaled_sides(params.model.size, params.extract.scales)
+    # the extraction stage's precision (bf16 on a CPU with AMX, else fp32), so that a photo
+    # of an indexed image gets the features the stage gave it
+    autocast, _ = precision_context(torch.device("cpu"), "auto")
     with torch.inference_mode():
-        features = embed(model, normalize(batch), sides, torch.autocast("cpu", enabled=False))
+        features = embed(model, normalize(batch), sides, autocast)
     return features.numpy().astype(np.float16)
 
 

@@ -219,7 +219,10 @@ def main(params: Params, features_dir: Path, out_dir: Path) -> dict[str, pd.Data
     out_dir = Path(out_dir)
     parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     all_tags: list[tuple[float, BackboneTags]] = []
-    ensemble_plain = ensemble_kr = None
+    # With one backbone an ensemble would repeat its rankings: there is none then.
+    several = len(backbones) > 1
+    ensemble_plain: np.ndarray | None = None
+    ensemble_kr: np.ndarray | None = None
     query_ids: list[str] = []
     index_ids: list[str] = []
     for backbone, weight in zip(backbones, weights, strict=True):
@@ -236,10 +239,9 @@ def main(params: Params, features_dir: Path, out_dir: Path) -> dict[str, pd.Data
         if tags is not None:
             write_tags(tags, features, codes, out_dir / "tags", backbone)
         kr = full_kr_scores(features, settings) if settings.full_kr else None
-        several = len(backbones) > 1
-        if ensemble_plain is None:
-            ensemble_plain = np.zeros(shape if several else (0, 0), dtype=np.float32)
-        if kr is not None and ensemble_kr is None and several:
+        if several and ensemble_plain is None:
+            ensemble_plain = np.zeros(shape, dtype=np.float32)
+        if several and kr is not None and ensemble_kr is None:
             ensemble_kr = np.zeros(shape, dtype=np.float32)
         for rows in query_chunks(*shape):
             plain, reranked = chunk_scores(features, rows, settings, tags, kr)
@@ -247,19 +249,17 @@ def main(params: Params, features_dir: Path, out_dir: Path) -> dict[str, pd.Data
             if reranked is not None:
                 parts.setdefault(f"{backbone}-rerank", []).append(
                     rerank.top_k_ids(reranked, settings.k))
-            if several:
+            if ensemble_plain is not None:
                 ensemble_plain[rows] += np.float32(weight) * plain
-                if kr is not None:
-                    ensemble_kr[rows] += np.float32(weight) * kr[rows]
+            if ensemble_kr is not None:
+                ensemble_kr[rows] += np.float32(weight) * kr[rows]
         if tags is not None:
             all_tags.append((weight, tags))
         del features, kr
-    assert ensemble_plain is not None
     # The ensemble's rerank: Σ_b w_b·(base_b + boosts_b) = Σ_b w_b·base_b + Σ_b w_b·boosts_b,
     # so no backbone's reranked matrix is kept; boosts are added a chunk of queries at a time.
-    # With one backbone the ensemble would repeat its rankings: there is none then.
     rerank_variant = settings.rerank or settings.full_kr
-    for rows in query_chunks(*ensemble_plain.shape) if len(backbones) > 1 else []:
+    for rows in query_chunks(*ensemble_plain.shape) if ensemble_plain is not None else []:
         parts.setdefault("ensemble-plain", []).append(
             rerank.top_k_ids(ensemble_plain[rows], settings.k))
         if rerank_variant:
@@ -272,8 +272,7 @@ def main(params: Params, features_dir: Path, out_dir: Path) -> dict[str, pd.Data
                                     np.concatenate([scores for _, scores in chunks]),
                                     query_ids, index_ids)
                 for name, chunks in parts.items()}
-    final = (f"{'ensemble' if len(backbones) > 1 else backbones[0]}-"
-             f"{'rerank' if rerank_variant else 'plain'}")
+    final = f"{'ensemble' if several else backbones[0]}-{'rerank' if rerank_variant else 'plain'}"
     for name, table in rankings.items():
         write_ranking(table, out_dir / "topk" / f"{name}.parquet")
     final_table = rankings[final]

@@ -27,7 +27,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -442,7 +442,7 @@ def multi_topk(
 
         starts = progress_bar(starts, total=len(starts), unit="block",
                               desc=f"search {num_rows:,} rows ({backend.name})")
-    with _exact_cuda_matmul() if backend.device == "cuda" else _nothing():
+    with _exact_cuda_matmul() if backend.device == "cuda" else nullcontext():
         for start in starts:
             block = _Block(np.ascontiguousarray(database[start : start + block_rows]), backend)
             for i in active:
@@ -452,11 +452,6 @@ def multi_topk(
     for i in active:
         results[i] = best[i]
     return results
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def topk_inner_product(

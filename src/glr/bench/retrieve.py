@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import platform
 import resource
 import tempfile
 import time
@@ -49,22 +48,14 @@ def machine() -> dict:
     import faiss
     import torch
 
-    from glr.runtime import cpu_has_fast_bf16
+    from glr.bench.extract import cpu_summary
 
-    flags = set()
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return {"cpu": model, "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
-            "amx_bf16": "amx_bf16" in flags, "native_bf16": cpu_has_fast_bf16(),
-            "torch_threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads(),
-            "torch": torch.__version__, "faiss": faiss.__version__, "numpy": np.__version__}
+    cpu = cpu_summary()
+    return {"cpu": cpu["model"], "avx2": "avx2" in cpu["flags"],
+            "avx512f": "avx512f" in cpu["flags"], "amx_bf16": "amx_bf16" in cpu["flags"],
+            "native_bf16": cpu["native_bf16"], "torch_threads": torch.get_num_threads(),
+            "faiss_threads": faiss.omp_get_max_threads(), "torch": torch.__version__,
+            "faiss": faiss.__version__, "numpy": np.__version__}
 
 
 def gemm_rates(dim: int = 512, rows: int = 2048, cols: int = 32_768, repeats: int = 3) -> dict:
