@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.glr-installed
 
-.PHONY: setup repro test lint clean-venv
+.PHONY: setup repro test lint clean-venv plots
 
 setup: $(STAMP)
 
@@ -31,3 +31,25 @@ lint: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The plots page in dvc_plots/ (.dvc/config gives `dvc plots show` a page template with the Vega
+# libraries inlined: it draws offline) and, when a Chromium is installed, a headless screenshot
+# of it in dvc_plots/screenshot.png.
+plots: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc plots show -o dvc_plots
+	@page="$(CURDIR)/dvc_plots/index.html"; shot="$(CURDIR)/dvc_plots/screenshot.png"; \
+	log="$(CURDIR)/dvc_plots/chromium.log"; rm -f "$$shot"; \
+	browser=$$(command -v chromium || command -v chromium-browser || true); \
+	limit=$$(command -v timeout >/dev/null && echo "timeout 120" || true); \
+	if [ ! -f "$$page" ]; then \
+		echo "make plots: dvc wrote no page (no plots?)" >&2; exit 1; \
+	elif [ -z "$$browser" ]; then \
+		echo "make plots: open file://$$page in a browser (a screenshot needs chromium: apt-get install chromium)"; \
+	elif $$limit "$$browser" --headless --no-sandbox --disable-gpu --screenshot="$$shot" \
+			--window-size=1400,3000 --virtual-time-budget=10000 "file://$$page" >"$$log" 2>&1 \
+			&& [ -s "$$shot" ]; then \
+		echo "make plots: screenshot in $$shot (page: file://$$page)"; \
+	else \
+		echo "make plots: $$browser took no screenshot, see $$log; open file://$$page in a browser" >&2; \
+		exit 1; \
+	fi

@@ -460,10 +460,9 @@ def test_last_stride_1_refuses_unknown_downsampling() -> None:
         set_last_stride_1(model)
 
 
-def test_unknown_backbone_lists_the_supported_names() -> None:
-    with pytest.raises(ValueError, match="resnest101e") as error:
-        create_backbone("vit_base_patch16_224")
-    assert all(name in str(error.value) for name in BACKBONES)
+def test_misspelt_backbone_suggests_the_timm_name() -> None:
+    with pytest.raises(ValueError, match=r"close matches: vit_base_patch16_224\b"):
+        create_backbone("vit_bse_patch16_224")
 
 
 def test_all_backbones_are_timm_architectures() -> None:
@@ -824,3 +823,257 @@ def test_param_groups_double_the_bias_learning_rate() -> None:
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert sorted(weight_names + bias_names) == sorted(trainable)
     assert len(set(weight_names + bias_names)) == len(trainable)
+
+
+# --- any timm model as a backbone (the generic path) -------------------------------------------
+
+# Small timm models outside the ResNet families, with their output channels (timm's
+# num_features). vit_tiny_patch16_224 runs at 64x64: glr builds it with dynamic_img_size.
+GENERIC_BACKBONES = [
+    ("convnext_atto", 320),
+    ("efficientnet_b0", 1280),
+    ("regnetx_002", 368),
+    ("vit_tiny_patch16_224", 192),
+]
+
+
+def generic_model(name: str, num_classes: int = 5, embedding_dim: int = 8) -> nn.Module:
+    """A RetrievalNet on timm model `name`, random weights, seeded."""
+    torch.manual_seed(0)
+    return build_model(name, num_classes, embedding_dim=embedding_dim)
+
+
+def tiny_images(batch: int = 2, seed: int = 11) -> torch.Tensor:
+    return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def gem_by_hand(values: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """GeM (p = 3, eps 1e-6) in float64 over `dims`."""
+    return values.double().clamp(min=1e-6).pow(3).mean(dim=dims).pow(1 / 3)
+
+
+@pytest.mark.parametrize(("name", "channels"), GENERIC_BACKBONES)
+def test_any_timm_model_embeds_and_classifies(name: str, channels: int) -> None:
+    model = generic_model(name)
+    assert model.config["backbone"] == name
+    assert model.backbone.num_features == channels
+    assert model.neck.weight.shape == (8, channels)
+    # The backbone's keys are timm's own, under "backbone."; the head's are the ResNet path's.
+    timm_keys = timm.create_model(name, num_classes=0, global_pool="").state_dict().keys()
+    keys = list(model.state_dict())
+    assert [k.removeprefix("backbone.") for k in keys if k.startswith("backbone.")] == list(
+        timm_keys)
+    assert [k for k in keys if not k.startswith("backbone.")] == [
+        "neck.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+        "bn.num_batches_tracked", "head.weight"]
+
+    images, labels = tiny_images(), torch.tensor([0, 4])
+    logits, features = model(images, labels)
+    assert logits.shape == (2, 5)
+    assert features.shape == (2, 8)
+    torch.testing.assert_close(logits, model.head(features, labels))
+    model.eval()
+    descriptors = model.extract(images)
+    assert descriptors.shape == (2, 8)
+    torch.testing.assert_close(descriptors.norm(dim=1), torch.ones(2), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "vit_tiny_patch16_224"])
+def test_any_timm_model_trains_channels_last(name: str) -> None:
+    """SGD steps on one tiny batch lower the loss; every parameter gets a gradient (DDP needs
+    that), biases sit in the 2x group, and channels_last works."""
+    model = generic_model(name).to(memory_format=torch.channels_last)
+    groups = param_groups(model, lr=0.01, weight_decay=1e-4)
+    assert [group["lr"] for group in groups] == [0.01, 0.02]
+    names = {id(p): n for n, p in model.named_parameters()}
+    bias_names = [names[id(p)] for p in groups[1]["params"]]
+    assert bias_names and all(n.endswith(".bias") for n in bias_names)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(names[id(p)] for group in groups for p in group["params"]) == sorted(trainable)
+
+    optimizer = torch.optim.SGD(groups, momentum=0.9)
+    images = tiny_images(batch=4, seed=12).contiguous(memory_format=torch.channels_last)
+    labels = torch.tensor([0, 1, 2, 3])
+    losses = []
+    for step in range(4):
+        optimizer.zero_grad()
+        logits, _ = model(images, labels)
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        if step == 0:
+            assert [n for n, p in model.named_parameters()
+                    if p.requires_grad and p.grad is None] == []
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(loss) for loss in losses)
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert torch.equal(model.bn.bias, torch.zeros(8))
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "vit_tiny_patch16_224"])
+def test_generic_model_round_trips_through_a_model_folder(name: str, tmp_path) -> None:
+    from glr.model.folder import load_model, save_model
+
+    model = generic_model(name, num_classes=7, embedding_dim=16)
+    optimizer = torch.optim.SGD(param_groups(model, lr=0.01, weight_decay=0.0), momentum=0.9)
+    labels = torch.tensor([0, 6])
+    F.cross_entropy(model(tiny_images(seed=13), labels)[0], labels).backward()
+    optimizer.step()  # weights and BN statistics away from any fresh init
+    save_model(model, tmp_path / name, {"model": model.config})
+
+    torch.manual_seed(1)  # the rebuilt model starts from other random weights
+    loaded, config = load_model(tmp_path / name)
+    assert config == {"model": model.config}
+    model.eval()
+    loaded.eval()
+    images = tiny_images(seed=14)
+    assert torch.equal(loaded.extract(images), model.extract(images))
+
+
+def test_vit_pools_its_patch_tokens_with_gem() -> None:
+    """A ViT gives tokens (B, 1 + 16, C) at 64x64: GeM over the 16 patch tokens, class token
+    dropped."""
+    model = generic_model("vit_tiny_patch16_224").eval()
+    assert model.to_map.num_prefix_tokens == 1
+    images = tiny_images()
+    with torch.no_grad():
+        tokens = model.backbone(images)
+        pooled = model.pooled(images)
+    assert tokens.shape == (2, 17, 192)
+    torch.testing.assert_close(pooled.double(), gem_by_hand(tokens[:, 1:], (1,)),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_nhwc_backbone_output_is_permuted() -> None:
+    """timm's MambaOut gives NHWC maps (output_fmt "NHWC"); GeM pools over H and W."""
+    model = generic_model("mambaout_femto").eval()
+    assert model.to_map.output_fmt == "NHWC"
+    images = tiny_images()
+    with torch.no_grad():
+        feature_map = model.backbone(images)
+        pooled = model.pooled(images)
+    assert feature_map.shape == (2, 2, 2, model.to_map.channels)
+    torch.testing.assert_close(pooled.double(), gem_by_hand(feature_map, (1, 2)),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_model_that_keeps_its_own_pooling_skips_gem() -> None:
+    """Distilled DeiT cannot disable its pooling (the mean of the class and distillation
+    tokens): its (B, C) output is the pooled feature as is."""
+    model = generic_model("deit_tiny_distilled_patch16_224").eval()
+    images = tiny_images()
+    with torch.no_grad():
+        output = model.backbone(images)
+        assert output.shape == (2, 192)
+        assert torch.equal(model.pooled(images), output)
+        assert model.extract(images).shape == (2, 8)
+
+
+def test_feature_map_reads_every_layout() -> None:
+    from glr.model import FeatureMap
+
+    nchw = torch.randn(2, 3, 4, 5)
+    assert FeatureMap(3)(nchw) is nchw  # the ResNet path: unchanged
+    assert torch.equal(FeatureMap(3, "NHWC")(nchw.permute(0, 2, 3, 1)), nchw)
+    tokens = torch.randn(2, 2 + 6, 3)
+    expected = tokens[:, 2:].transpose(1, 2).reshape(2, 3, 1, 6)
+    assert torch.equal(FeatureMap(3, num_prefix_tokens=2)(tokens), expected)
+    pooled = torch.randn(2, 3)
+    assert FeatureMap(3)(pooled) is pooled
+    with pytest.raises(RuntimeError, match=r"\(2, 4, 4, 5\) .* has 4 channels, not the 3"):
+        FeatureMap(3)(torch.randn(2, 4, 4, 5))
+    with pytest.raises(RuntimeError, match="expected a map"):
+        FeatureMap(3)(torch.randn(2, 3, 4, 5, 6))
+    with pytest.raises(ValueError, match="NLC"):
+        FeatureMap(3, "NLC")
+
+
+def test_unknown_backbone_is_a_params_error_with_close_matches() -> None:
+    from glr.params import ParamsError, parse_params
+
+    with pytest.raises(ParamsError) as error:
+        build_model("convnext_tiy", 5)
+    assert str(error.value).startswith(
+        "model.backbones: unknown backbone 'convnext_tiy', neither in glr's table nor a timm "
+        "model; close matches: convnext_tiny, ")
+    with pytest.raises(ParamsError, match=r"close matches: seresnet101_ibn_a\b"):
+        create_backbone("seresnet101_ibn")
+    with pytest.raises(ParamsError, match=r"^model\.backbones\[1\]: unknown backbone "
+                                          r"'ConvNeXt_Tiny', .*close matches: convnext_tiny\b"):
+        parse_params({"model": {"backbones": ["resnet18", "ConvNeXt_Tiny"]}})
+    with pytest.raises(ParamsError, match=r"close matches: .*convnext_tiny\.fb_in22k\b"):
+        create_backbone("convnext_tiny.fb_in22")
+
+
+def test_any_timm_name_passes_params() -> None:
+    from glr.params import parse_params
+
+    names = ["convnext_atto", "vit_tiny_patch16_224", "res2net50_26w_4s", "resnet18_ibn_a"]
+    recipe = {}
+    for name in names:
+        recipe[f"{name}-p1"] = {"backbone": name, "phase": "p1", "init": "pretrained"}
+    params = parse_params({"model": {"backbones": names},
+                           "train": {"phases": {"p1": {}}, "recipe": recipe}})
+    assert params.model.backbones == names
+
+
+def timm_convnext_file(tmp_path, seed: int = 3) -> tuple[dict[str, torch.Tensor], object]:
+    """A timm convnext_atto checkpoint with its ImageNet-style classifier (`head.fc`), wrapped
+    and "module."-prefixed as DDP saves it; returns (the state dict, the file)."""
+    torch.manual_seed(seed)
+    state = timm.create_model("convnext_atto", num_classes=10).state_dict()
+    assert "head.fc.weight" in state
+    path = tmp_path / "convnext_atto.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    return state, path
+
+
+def test_weights_file_loads_into_a_generic_backbone(tmp_path) -> None:
+    state, path = timm_convnext_file(tmp_path)
+    model = build_model("convnext_atto", 5, embedding_dim=8, pretrained_path=str(path))
+    loaded = model.backbone.state_dict()
+    assert set(loaded) == {k for k in state if not k.startswith("head.fc.")}
+    for key, value in loaded.items():
+        assert torch.equal(value, state[key]), key
+
+    del state["stages.0.blocks.0.conv_dw.weight"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"missing keys: \['stages\.0\.blocks\.0\.conv_dw"):
+        build_model("convnext_atto", 5, embedding_dim=8, pretrained_path=str(path))
+
+
+def test_skip_fc_keys_with_a_generic_backbone(tmp_path) -> None:
+    """ConvNeXt's MLPs are `mlp.fc1/fc2`: skip_fc_keys leaves them at the model's own init."""
+    state, path = timm_convnext_file(tmp_path)
+    torch.manual_seed(0)
+    fresh = build_model("convnext_atto", 5, embedding_dim=8).backbone.state_dict()
+    torch.manual_seed(0)
+    model = build_model("convnext_atto", 5, embedding_dim=8, pretrained_path=str(path),
+                        skip_fc_keys=True)
+    loaded = model.backbone.state_dict()
+    fc_keys = [key for key in loaded if "fc" in key]
+    assert "stages.0.blocks.0.mlp.fc1.weight" in fc_keys
+    for key, value in loaded.items():
+        assert torch.equal(value, fresh[key] if "fc" in key else state[key]), key
+
+
+def test_pretrained_generic_backbone_goes_through_timm(monkeypatch) -> None:
+    """model.pretrained: timm loads its ImageNet weights into the generic model (the loader is
+    stubbed here: nothing is downloaded)."""
+    import timm.models._builder
+
+    from glr.model import backbones
+
+    calls = []
+
+    def fake_load_pretrained(model, pretrained_cfg=None, num_classes=1000, **kwargs) -> None:
+        calls.append((type(model).__name__, pretrained_cfg["architecture"], num_classes))
+        with torch.no_grad():
+            model.stem[0].weight.fill_(0.5)
+
+    monkeypatch.setattr(backbones, "check_timm_weights", lambda backbone, timm_name: "a stub")
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", fake_load_pretrained)
+    model = build_model("convnext_atto", 5, embedding_dim=8, pretrained=True)
+    assert calls == [("ConvNeXt", "convnext_atto", 0)]
+    assert torch.equal(model.backbone.stem[0].weight,
+                       torch.full_like(model.backbone.stem[0].weight, 0.5))

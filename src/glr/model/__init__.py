@@ -1,4 +1,5 @@
-"""The retrieval model: timm backbones (IBN-a, last stride 1), GeM, BN neck and ArcFace.
+"""The retrieval model: any timm backbone (IBN-a, last stride 1 for ResNets), GeM, BN neck and
+ArcFace.
 
 The names below are imported on first use (PEP 562), so that `glr.model.table`, which
 `glr.params` reads, can be imported without torch and timm.
@@ -14,6 +15,7 @@ _EXPORTS = {
     "BackboneSpec": "glr.model.table",
     "convert_ibn_a": "glr.model.backbones",
     "create_backbone": "glr.model.backbones",
+    "UnknownBackboneError": "glr.model.backbones",
     "load_backbone_weights": "glr.model.backbones",
     "map_ibn_net_keys": "glr.model.backbones",
     "set_last_stride_1": "glr.model.backbones",
@@ -24,6 +26,7 @@ _EXPORTS = {
     "model_from_config": "glr.model.build",
     "param_groups": "glr.model.build",
     "IBN": "glr.model.layers",
+    "FeatureMap": "glr.model.layers",
     "ArcFace": "glr.model.layers",
     "GeM": "glr.model.layers",
 }

@@ -1,9 +1,16 @@
-"""timm backbones with IBN-a conversion, last stride 1 and local pretrained weights.
+"""timm backbones: any timm model, plus IBN-a conversion, last stride 1 and local weights.
 
-A backbone name is either a name of glr's table (`glr.model.table.BACKBONES`: the IBN-a conversions
-and the recipes' backbones) or any timm model of a ResNet family (`RESNET_FAMILIES`), built as
-timm builds it (`BackboneSpec(name)`): the model code needs timm's ResNet layout, stages
-`layer1`..`layer4` of blocks whose first norm is `bn1`.
+A backbone name is either a name of glr's table (`glr.model.table.BACKBONES`: the authors' IBN-a
+variants, which timm lacks, and the recipes' backbones) or any timm model name (`timm.list_models`,
+a pretrained tag such as `convnext_tiny.fb_in22k` allowed). Two paths build them:
+
+- the ResNet path, for the table and every timm model of a ResNet family (`RESNET_FAMILIES`):
+  timm's model with IBN-a conversion (the `*_ibn_a` names) and last stride 1, as the authors
+  built their backbones; the code needs timm's ResNet layout, stages `layer1`..`layer4` of blocks
+  whose first norm is `bn1`;
+- the generic path, for every other timm model (ConvNeXt, EfficientNet, RegNet, ViT, Swin, ...):
+  the model as timm builds it (`create_timm_generic`), at timm's own output stride (usually 32);
+  `glr.model.layers.FeatureMap` turns its output (NCHW, NHWC or tokens) into a map for GeM.
 """
 
 from __future__ import annotations
@@ -31,9 +38,16 @@ from glr.params import ParamsError
 log = logging.getLogger(__name__)
 
 # timm modules whose models have the ResNet layout (stem, layer1..layer4 of blocks with `bn1`)
-# that IBN-a conversion and last stride 1 work on. Others (res2net, whose stride-1 blocks keep
-# a 3x3 average pool; resnetv2, regnet, ... without layer1..layer4) are refused.
+# that IBN-a conversion and last stride 1 work on: they take the ResNet path. Every other timm
+# model (res2net, whose stride-1 blocks keep a 3x3 average pool, resnetv2, regnet, convnext,
+# vision_transformer, ...) takes the generic path, unchanged.
 RESNET_FAMILIES = ("timm.models.resnet", "timm.models.resnest")
+
+
+class UnknownBackboneError(ParamsError):
+    """A backbone name that is neither in glr's table nor a timm model; the message names
+    `model.backbones`, the name and close matches (a ParamsError: `glr` reports it as one line,
+    exit status 2)."""
 
 
 def timm_family(name: str) -> str | None:
@@ -45,33 +59,53 @@ def timm_family(name: str) -> str | None:
 
 
 def backbone_problem(name: str) -> str | None:
-    """Why `name` is not a backbone glr can build (None when it is), naming close matches."""
-    if name in BACKBONES:
+    """Why `name` is not a backbone glr can build (None when it is), naming close matches.
+
+    Every name of glr's table and every timm model name is a backbone; for anything else the
+    close matches come from the table and `timm.list_models()` (with pretrained tags when the
+    name has a tag), compared case-insensitively (timm's names are lower case).
+    """
+    if name in BACKBONES or is_timm_name(name):
         return None
-    family = timm_family(name)
-    if family in RESNET_FAMILIES:
-        return None
-    table = ", ".join(BACKBONES)
-    if family is not None:
-        return (f"{name!r} is a timm model of {family}, not of a ResNet family: glr needs "
-                f"stages layer1..layer4 ({', '.join(RESNET_FAMILIES)}); glr's table: {table}")
-    families = [module.rsplit(".", 1)[1] for module in RESNET_FAMILIES]
-    candidates = list(dict.fromkeys([*BACKBONES, *timm.list_models(module=families)]))
-    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
-    hint = f"close matches: {', '.join(close)}" if close else f"glr's table: {table}"
-    return (f"unknown backbone {name!r}, neither in glr's table nor a timm model of a ResNet "
-            f"family ({', '.join(RESNET_FAMILIES)}); {hint}")
+    candidates = [*BACKBONES, *timm.list_models()]
+    if "." in name:
+        candidates += timm.list_models(pretrained=True)
+    candidates = list(dict.fromkeys(candidates))
+    close = difflib.get_close_matches(name.lower(), candidates, n=5, cutoff=0.6)
+    hint = (f"close matches: {', '.join(close)}" if close
+            else f"timm.list_models() lists timm's names; glr's table: {', '.join(BACKBONES)}")
+    return f"unknown backbone {name!r}, neither in glr's table nor a timm model; {hint}"
+
+
+def is_timm_name(name: str) -> bool:
+    """Whether timm builds `name`: a timm architecture, with a pretrained tag timm knows if it
+    has one (`timm.is_model` checks the architecture only)."""
+    if not timm.is_model(name):
+        return False
+    if "." not in name:
+        return True
+    try:
+        return timm.models.get_pretrained_cfg(name, allow_unregistered=False) is not None
+    except RuntimeError:  # "Invalid pretrained tag"
+        return False
 
 
 def backbone_spec(name: str) -> BackboneSpec:
-    """How to build backbone `name`: its table entry, or the timm ResNet-family model as is.
+    """How to build backbone `name`: its table entry, or the timm model as is.
 
-    Raises ValueError saying why when `name` is neither (see `backbone_problem`).
+    Raises UnknownBackboneError (a ParamsError, so a ValueError) naming `model.backbones`, the
+    name and close matches when `name` is neither (see `backbone_problem`).
     """
     problem = backbone_problem(name)
     if problem is not None:
-        raise ValueError(problem)
+        raise UnknownBackboneError(f"model.backbones: {problem}")
     return BACKBONES.get(name) or BackboneSpec(name)
+
+
+def takes_resnet_path(spec: BackboneSpec) -> bool:
+    """Whether `spec` is built the ResNet way (IBN-a if asked, last stride 1): every table entry
+    and every timm model of `RESNET_FAMILIES`; the others take the generic path."""
+    return spec.ibn_a or timm_family(spec.timm_name) in RESNET_FAMILIES
 
 
 def has_timm_weights(timm_name: str) -> bool:
@@ -235,9 +269,11 @@ def create_backbone(name: str, pretrained: bool = False,
                     skip_fc_keys: bool = False) -> tuple[nn.Module, int]:
     """A timm feature extractor (no pooling, no classifier) and its number of output channels.
 
-    `name` is a name of glr's table or a timm ResNet-family model (see `backbone_spec`).
-    IBN-a conversion (for the `*_ibn_a` names) and last stride 1 are applied. `pretrained=True`
-    takes timm's ImageNet weights (for IBN names: those of the plain architecture, converted);
+    `name` is a name of glr's table or any timm model (see `backbone_spec`; an unknown name
+    raises UnknownBackboneError). The ResNet path (`takes_resnet_path`) applies IBN-a conversion
+    (for the `*_ibn_a` names) and last stride 1; the generic path builds the model as timm does
+    (`create_timm_generic`), and the channels are `backbone_channels`. `pretrained=True` takes
+    timm's ImageNet weights (for IBN names: those of the plain architecture, converted);
     `pretrained_path` instead loads a local file after conversion (see `load_backbone_weights`,
     which `skip_fc_keys` is passed to), e.g. the IBN-Net release checkpoints, and then timm's
     weights are not fetched. Weights that cannot be fetched raise PretrainedWeightsError at once
@@ -245,27 +281,82 @@ def create_backbone(name: str, pretrained: bool = False,
     weights it raises ValueError (timm loads every key), without any weights it changes nothing.
     """
     spec = backbone_spec(name)
+    resnet_path = takes_resnet_path(spec)
     if skip_fc_keys and pretrained and pretrained_path is None:
         raise ValueError(f"skip_fc_keys applies to a weights file (pretrained_path), not to "
                          f"timm's ImageNet weights for {name}")
     if pretrained and pretrained_path is None:
-        model = create_timm_pretrained(name, spec.timm_name)
-    else:
+        model = create_timm_pretrained(name, spec.timm_name, generic=not resnet_path)
+    elif resnet_path:
         model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0,
                                   global_pool="")
-    if spec.ibn_a:
-        convert_ibn_a(model)
-    set_last_stride_1(model)
+    else:
+        model = create_timm_generic(spec.timm_name, pretrained=False)
+    if resnet_path:
+        if spec.ibn_a:
+            convert_ibn_a(model)
+        set_last_stride_1(model)
     if pretrained_path is not None:
         load_backbone_weights(model, pretrained_path, skip_fc_keys=skip_fc_keys)
-    return model, model.num_features
+    return model, (model.num_features if resnet_path else backbone_channels(model))
+
+
+# --------------------------------------------------------------------------- generic path
+
+
+def create_timm_generic(timm_name: str, pretrained: bool = False) -> nn.Module:
+    """Any timm model as a feature extractor: `num_classes=0, global_pool=""`, as timm builds it.
+
+    Calling it gives what timm's `forward` gives without pooling and classifier: the feature
+    map (NCHW, or NHWC where the model's `output_fmt` says so) or the tokens (B, N, C) of a
+    ViT-like model, after whatever of the head works on it (ConvNeXt's final norm, MobileNetV3's
+    1x1 head conv), so every parameter takes part (DDP needs that). Two of timm's options are
+    tried in turn, each dropped when the model refuses it: `dynamic_img_size=True` (models
+    that take it, ViT-likes, then accept any input size, their position embeddings resampled;
+    the others raise TypeError naming it), then `global_pool=""` (the few models that cannot
+    disable their pooling, e.g. distilled DeiT, CoaT, CrossViT, EfficientViT-MIT, assert it
+    when they are built; they keep their own pooling and give (B, C)). Any other error, a
+    network error of `pretrained=True` included, raises at once.
+    """
+    attempts = [{"global_pool": "", "dynamic_img_size": True}, {"global_pool": ""},
+                {"dynamic_img_size": True}, {}]
+    for options in attempts[:-1]:
+        try:
+            return timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **options)
+        except TypeError as err:
+            if "dynamic_img_size" not in str(err):
+                raise
+        except AssertionError as err:
+            if "global_pool" not in options:
+                raise
+            log.debug("%s refuses global_pool='' (%s); trying its own pooling", timm_name, err)
+    return timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **attempts[-1])
+
+
+def backbone_channels(model: nn.Module) -> int:
+    """The channels of a timm feature extractor's output: timm's `head_hidden_size` where the
+    model has one (a head layer that `forward` runs without the classifier widens the features,
+    e.g. MobileNetV3's 1x1 conv, 576 -> 1024), else its `num_features`."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+def feature_layout(model: nn.Module) -> tuple[str, int]:
+    """How to read a timm backbone's output: its 4-D layout ("NCHW", or "NHWC" where the model's
+    `output_fmt` says so, e.g. Swin) and the number of prefix tokens (class, distillation and
+    register tokens: timm's `num_prefix_tokens`, 0 without) in front of the patch tokens of a
+    3-D (B, N, C) output. See `glr.model.layers.FeatureMap`."""
+    output_fmt = str(getattr(model, "output_fmt", "NCHW"))
+    prefix = getattr(model, "num_prefix_tokens", 0)
+    return ("NHWC" if output_fmt == "NHWC" else "NCHW"), (prefix if isinstance(prefix, int) else 0)
 
 
 # --------------------------------------------------------------------------- timm's weights
 
 
-def create_timm_pretrained(backbone: str, timm_name: str) -> nn.Module:
-    """timm's model `timm_name` with its ImageNet weights, for glr backbone `backbone`.
+def create_timm_pretrained(backbone: str, timm_name: str, *, generic: bool = False
+                           ) -> nn.Module:
+    """timm's model `timm_name` with its ImageNet weights, for glr backbone `backbone`
+    (`generic`: built by `create_timm_generic`, else as the ResNet path builds it).
 
     Fails in seconds, with one line naming the ways to supply the weights, when they are not in
     the Hugging Face cache and cannot be fetched: without a network, the hub would otherwise
@@ -280,6 +371,8 @@ def create_timm_pretrained(backbone: str, timm_name: str) -> nn.Module:
     log_hub_through_root()
     source = check_timm_weights(backbone, timm_name)
     try:
+        if generic:
+            return create_timm_generic(timm_name, pretrained=True)
         return timm.create_model(timm_name, pretrained=True, num_classes=0, global_pool="")
     except _network_errors() as err:
         raise _weights_error(backbone, timm_name, source, _one_line(err)) from err
@@ -419,11 +512,16 @@ def unwrap_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
 
 def load_backbone_weights(model: nn.Module, path: str | Path, *,
                           skip_fc_keys: bool = False) -> None:
-    """Load a local weights file into a backbone, strictly; `fc.*` classifier keys are dropped.
+    """Load a local weights file into a backbone, strictly; classifier keys are dropped.
 
     Accepts a plain state dict or one under "state_dict"/"model", with or without a "module."
-    prefix, in timm or IBN-Net naming (see `map_ibn_net_keys`). Raises ValueError listing the
-    missing and unexpected keys (and shape mismatches) if the file does not fit the backbone.
+    prefix, in timm or IBN-Net naming (see `map_ibn_net_keys`): for a generic timm model, the
+    `state_dict()` of timm's model of that name (e.g. `timm.create_model(name,
+    pretrained=True).state_dict()` saved with torch.save), whose classifier keys (`fc.*` and
+    those under timm's `pretrained_cfg["classifier"]`, `head.fc.*` for ConvNeXt, `head.*` for
+    ViT, see `classifier_prefixes`) the backbone lacks and are dropped. Raises ValueError
+    listing the missing and unexpected keys (and shape mismatches) if the file does not fit the
+    backbone.
     Missing `num_batches_tracked` counters are tolerated: older checkpoints predate them.
 
     `skip_fc_keys=True` loads the way the authors load SE-ResNet101-IBN-a: their
@@ -440,23 +538,24 @@ def load_backbone_weights(model: nn.Module, path: str | Path, *,
     SE layers start random in both, possibly from different distributions.
     Note that timm's ResNeSt names its split-attention convs `conv2.fc1/fc2` too: the authors'
     ResNeSt loader (`ResNet.load_param` in `backbones/resnest.py`) does not skip them, so
-    neither should a ResNeSt file be loaded with `skip_fc_keys`. Without it (the default), the
-    classifier `fc.*` alone is dropped and the IBN-Net SE keys are mapped onto timm's SE
-    (ImageNet SE weights).
+    neither should a ResNeSt file be loaded with `skip_fc_keys` (nor a ViT-like file: its MLPs
+    are `mlp.fc1/fc2`). Without it (the default), the classifier keys alone are dropped and the
+    IBN-Net SE keys are mapped onto timm's SE (ImageNet SE weights).
     """
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state_dict = unwrap_state_dict(checkpoint)
+    expected = model.state_dict()
     if skip_fc_keys:
         skipped = [key for key in state_dict if "fc" in key]
         state_dict = {key: value for key, value in state_dict.items() if "fc" not in key}
         log.info("%s: skipped %d keys containing 'fc' (skip_fc_keys); those parameters keep the "
                  "model's own initialization", path, len(skipped))
     else:
+        classifier = classifier_prefixes(model)
         state_dict = {key: value for key, value in state_dict.items()
-                      if not key.startswith("fc.")}
+                      if not (key.startswith(classifier) and key not in expected)}
         state_dict = map_ibn_net_keys(state_dict)
 
-    expected = model.state_dict()
     missing = [key for key in expected
                if key not in state_dict and not key.endswith("num_batches_tracked")
                and not (skip_fc_keys and "fc" in key)]
@@ -470,3 +569,17 @@ def load_backbone_weights(model: nn.Module, path: str | Path, *,
                          f"  unexpected keys: {unexpected}\n"
                          f"  shape mismatches: {mismatched}")
     model.load_state_dict(state_dict, strict=False)
+
+
+def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Key prefixes of a timm model's ImageNet classifier, which a backbone built with
+    `num_classes=0` lacks: "fc." (timm's and torchvision's ResNets) and "<name>." for each name
+    in timm's `pretrained_cfg["classifier"]` of the model ("head.fc" for ConvNeXt, "classifier"
+    for EfficientNet, "head" and "head_dist" for distilled DeiT)."""
+    names = {"fc"}
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if isinstance(classifier, str):
+        names.add(classifier)
+    elif classifier:
+        names.update(classifier)
+    return tuple(f"{name}." for name in sorted(names))

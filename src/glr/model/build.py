@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glr.model.backbones import create_backbone, unwrap_state_dict
-from glr.model.layers import ArcFace, GeM
+from glr.model.backbones import create_backbone, feature_layout, unwrap_state_dict
+from glr.model.layers import ArcFace, FeatureMap, GeM
 
 CONFIG_KEYS = ("backbone", "num_classes", "embedding_dim", "gem_p", "arcface_s", "arcface_m")
 
@@ -19,6 +19,11 @@ CONFIG_KEYS = ("backbone", "num_classes", "embedding_dim", "gem_p", "arcface_s",
 class RetrievalNet(nn.Module):
     """Backbone -> GeM -> Linear (no bias) -> BatchNorm1d (bias frozen at 0) -> ArcFace.
 
+    The backbone is any timm model or a name of glr's table (`glr.model.backbones`); `to_map`
+    (`FeatureMap`, no parameters) reads its output as the map GeM pools: NCHW as is, NHWC
+    permuted, a ViT-like model's tokens as a map of its patch tokens (GeM over the patch tokens,
+    class and register tokens dropped). The state dict holds the backbone's timm keys under
+    `backbone.`, then `neck`, `bn` and `head`, for every backbone.
     `pretrained`, `pretrained_path` and `skip_fc_keys` choose the backbone's starting weights
     only (see `glr.model.backbones.create_backbone`), so they are not part of `config`, which
     describes the architecture.
@@ -31,6 +36,7 @@ class RetrievalNet(nn.Module):
         super().__init__()
         self.backbone, num_features = create_backbone(backbone, pretrained, pretrained_path,
                                                       skip_fc_keys=skip_fc_keys)
+        self.to_map = FeatureMap(num_features, *feature_layout(self.backbone))
         self.pool = GeM(p=gem_p)
         self.neck = nn.Linear(num_features, embedding_dim, bias=False)
         nn.init.xavier_uniform_(self.neck.weight)
@@ -51,7 +57,13 @@ class RetrievalNet(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The BN embedding (B, D) of normalized images (B, 3, H, W), not L2-normalized."""
-        return self.bn(self.neck(self.pool(self.backbone(images))))
+        return self.bn(self.neck(self.pooled(images)))
+
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's features pooled to (B, C): GeM over its map (or patch tokens), or the
+        backbone's own pooling for the few timm models that cannot disable it."""
+        x = self.to_map(self.backbone(images))
+        return x if x.ndim == 2 else self.pool(x)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

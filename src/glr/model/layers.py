@@ -1,4 +1,5 @@
-"""Building blocks of the retrieval model: IBN-a normalization, GeM pooling, ArcFace margin head."""
+"""Building blocks of the retrieval model: IBN-a normalization, backbone output layout, GeM
+pooling, ArcFace margin head."""
 
 from __future__ import annotations
 
@@ -22,6 +23,53 @@ class IBN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         instance_part, batch_part = torch.split(x, [self.half, x.shape[1] - self.half], dim=1)
         return torch.cat((self.IN(instance_part), self.BN(batch_part)), dim=1)
+
+
+class FeatureMap(nn.Module):
+    """A timm backbone's output as the (B, C, H, W) map GeM pools; no parameters.
+
+    - NCHW maps (ResNets, ConvNeXt, EfficientNet, RegNet, ...) pass unchanged.
+    - NHWC maps (`output_fmt="NHWC"`, e.g. Swin) are permuted to NCHW.
+    - Tokens (B, N, C) of ViT-like models: GeM runs over the patch tokens. The
+      `num_prefix_tokens` class/distillation/register tokens in front are dropped (they are no
+      positions of the image; they still shape the patch tokens through attention), and the
+      N - prefix patch tokens become a (B, C, 1, N - prefix) map, so the head is the method's
+      GeM -> Linear -> BN at every backbone. Like any GeM input, values below eps (LayerNorm'd
+      tokens are signed) count as eps.
+    - (B, C) of the few timm models that cannot disable their own pooling (see
+      `glr.model.backbones.create_timm_generic`) pass unchanged: already pooled, GeM is skipped.
+
+    A channel count other than `channels` raises RuntimeError naming both (instead of a shape
+    error in the Linear that follows).
+    """
+
+    def __init__(self, channels: int, output_fmt: str = "NCHW", num_prefix_tokens: int = 0
+                 ) -> None:
+        super().__init__()
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt {output_fmt!r}: expected NCHW or NHWC")
+        self.channels = int(channels)
+        self.output_fmt = output_fmt
+        self.num_prefix_tokens = int(num_prefix_tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = tuple(x.shape)
+        if x.ndim == 4 and self.output_fmt == "NHWC":
+            x = x.permute(0, 3, 1, 2)
+        elif x.ndim == 3:
+            x = x[:, self.num_prefix_tokens:].transpose(1, 2).unsqueeze(2)
+        elif x.ndim not in (2, 4):
+            raise RuntimeError(f"backbone output of shape {shape}: expected a map "
+                               "(B, C, H, W), tokens (B, N, C) or pooled features (B, C)")
+        if x.shape[1] != self.channels:
+            raise RuntimeError(f"backbone output of shape {shape} (read as {self.output_fmt} "
+                               f"map, tokens or pooled) has {x.shape[1]} channels, not the "
+                               f"{self.channels} the head was built for")
+        return x
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, output_fmt={self.output_fmt}, "
+                f"num_prefix_tokens={self.num_prefix_tokens}")
 
 
 class GeM(nn.Module):

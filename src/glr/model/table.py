@@ -1,4 +1,4 @@
-"""The backbone table: names glr builds without asking timm (IBN-a conversions, recipes).
+"""The backbone table: names glr knows without asking timm (IBN-a conversions, recipes).
 
 Kept apart from `glr.model.backbones` and free of torch and timm imports, so that
 `glr.params` can check backbone names in milliseconds when params load.
@@ -22,8 +22,10 @@ class BackboneSpec:
     timm_weights: bool = True
 
 
-# The names glr knows without asking timm: the IBN-a conversions and the recipes' backbones.
-# Any other timm ResNet-family name works too (`BackboneSpec(name)`, see glr.model.backbones).
+# The names glr knows without asking timm. What the table adds to timm is the IBN-a variants
+# (`*_ibn_a`), which timm lacks; the plain entries are timm names listed here only so that params
+# naming them load without importing timm, and build exactly what the timm name builds. Any other
+# timm model name works too (`BackboneSpec(name)`, see glr.model.backbones).
 BACKBONES: dict[str, BackboneSpec] = {
     # Small models for the CPU demo and tests.
     "resnet10t": BackboneSpec("resnet10t"),
