@@ -64,21 +64,21 @@ def test_synth_then_prepare_through_the_console_script(tmp_path):
 
 
 def _variant(value: float) -> dict:
-    return {"map@100": value, "map@100_public": value / 2, "map@100_private": value * 2}
+    return {"map100": value, "map100_public": value / 2, "map100_private": value * 2}
 
 
 def test_report_prints_the_headline(tmp_path, capsys):
-    one = {"map@100": 0.3, "map@100_public": 0.15, "map@100_private": 0.6, "queries": 79,
+    one = {"map100": 0.3, "map100_public": 0.15, "map100_private": 0.6, "queries": 79,
            "contaminated": False,
-           "variants": {"ensemble-plain": _variant(0.1), "ensemble-rerank": _variant(0.3),
-                        "resnet18-plain": _variant(0.1), "resnet18-rerank": _variant(0.3)}}
-    path = tmp_path / "evaluate.json"
+           "ensemble": {"plain": _variant(0.1), "rerank": _variant(0.3)},
+           "resnet18": {"plain": _variant(0.1), "rerank": _variant(0.3)}}
+    path = tmp_path / "metrics.json"
     path.write_text(json.dumps(one))
     main(["report", "--metrics", str(path)])
     lines = capsys.readouterr().out.splitlines()
     # one backbone: no ensemble rows, which would repeat the backbone's
     assert lines == [
-        "mAP@100 on 79 validation queries (metrics/evaluate.json)",
+        f"mAP@100 on 79 validation queries ({path})",
         "                           all  public  private",
         "resnet18  plain search  0.1000  0.0500   0.2000",
         "resnet18  + rerank      0.3000  0.1500   0.6000",
@@ -89,12 +89,13 @@ def test_report_prints_the_headline(tmp_path, capsys):
 def test_report_shows_the_ensemble_of_several_backbones():
     from glr.evaluate import headline
 
-    metrics = {"map@100": 0.5, "map@100_public": 0.25, "map@100_private": 1.0,
+    metrics = {"map100": 0.5, "map100_public": 0.25, "map100_private": 1.0,
                "queries": 1129, "contaminated": True,
-               "variants": {f"{name}-{kind}": _variant(value)
-                            for name in ("resnest101", "resnet50", "ensemble")
-                            for kind, value in (("plain", 0.2), ("rerank", 0.5))}}
+               **{name: {kind: _variant(value) for kind, value in (("plain", 0.2),
+                                                                   ("rerank", 0.5))}
+                  for name in ("resnest101", "resnet50", "ensemble")}}
     lines = headline(metrics).splitlines()
+    assert lines[0] == "mAP@100 on 1129 validation queries (metrics/evaluate/metrics.json)"
     assert [line.split()[0] for line in lines[2:8]] == ["resnest101"] * 2 + ["resnet50"] * 2 + [
         "ensemble"] * 2
     assert lines[-1].endswith("(contaminated: validation queries were trained on)")

@@ -131,11 +131,14 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(reproduced_repo):
     assert metrics["all"]["images"] == truth["all_holdout"]["images"]
     assert metrics["val_queries"] == truth["val_queries"]
     assert (fresh_repo / "data/prepared/all.parquet").is_file()
-    evaluation = next(iter(shown.values()))["data"]["metrics/evaluate.json"]["data"]
+    evaluation = next(iter(shown.values()))["data"]["metrics/evaluate/metrics.json"]["data"]
     # one backbone: no ensemble variants, which would repeat its rankings
-    assert set(evaluation["variants"]) == {"resnet18-plain", "resnet18-rerank"}
-    assert evaluation["map@100"] == evaluation["variants"]["resnet18-rerank"]["map@100"]
-    assert 0.0 < evaluation["map@100"] <= 1.0 and evaluation["contaminated"] is False
+    assert {key for key, value in evaluation.items() if isinstance(value, dict)} == {"resnet18"}
+    assert set(evaluation["resnet18"]) == {"plain", "rerank"}
+    assert evaluation["map100"] == evaluation["resnet18"]["rerank"]["map100"]
+    assert 0.0 < evaluation["map100"] <= 1.0 and evaluation["contaminated"] is False
+    training = next(iter(shown.values()))["data"]["metrics/train/resnet18/p2/metrics.json"]
+    assert training["data"]["resnet18"]["p2"]["epoch"] == 2
     assert evaluation["queries"] == truth["val_queries"]["total"]
     submission = (fresh_repo / "data/retrieval/submission.csv").read_text().splitlines()
     assert submission[0] == "id,images" and len(submission) == 1 + truth["val_queries"]["total"]
@@ -144,7 +147,7 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(reproduced_repo):
     from PIL import Image
 
     from glr import visualize
-    with Image.open(fresh_repo / "metrics/retrieval.png") as picture:
+    with Image.open(fresh_repo / "metrics/visualize/plots/images/retrieval.png") as picture:
         width, height = visualize.TILE + 2 * visualize.BORDER, (
             visualize.TILE + 2 * visualize.BORDER + visualize.STRIP)
         rows = min(8, truth["val_queries"]["total"])
@@ -233,16 +236,19 @@ def test_artifacts_survive_a_dvc_remote(reproduced_repo, tmp_path):
     assert _git("status", "--porcelain", cwd=origin) == ""
     assert json.loads(_dvc("data", "status", "--json", cwd=origin)) == {}
     lock = yaml.safe_load((origin / "dvc.lock").read_text())
-    outs = {out["path"]: out for stage in lock["stages"].values() for out in stage["outs"]}
+    # dvc.lock keeps the entries of stages dvc.yaml no longer has (DVC does not prune them)
+    stages = set(_dvc("stage", "list", "--name-only", cwd=origin).split())
+    outs = {out["path"]: out for name, stage in lock["stages"].items() if name in stages
+            for out in stage["outs"]}
     # `cache: false` outputs (the metrics and plots, all under metrics/) are not DVC's to push:
     # git carries them. `persist: true` ones (the shards) are cached like any other output:
     # persist only stops `dvc repro` from deleting them before their stage runs.
     uncached = sorted(path for path in outs if path.startswith("metrics/"))
     cached = sorted(path for path in outs if path not in uncached)
-    assert "metrics/evaluate.json" in uncached
+    assert "metrics/evaluate/metrics.json" in uncached
     assert {"data/shards/train", "data/shards/eval", "data/features/resnet18",
             "models/resnet18/p2"} <= set(cached)
-    assert _git("ls-files", *uncached, cwd=origin).split() == uncached
+    assert _git("ls-files", *uncached, cwd=origin).split() == sorted(_sha256s(origin, uncached))
 
     # The remote goes into the committed .dvc/config, so that every clone sees it.
     remote = tmp_path / "remote"
@@ -262,7 +268,7 @@ def test_artifacts_survive_a_dvc_remote(reproduced_repo, tmp_path):
     assert _dvc("remote", "list", cwd=clone).split()[:2] == ["storage", str(remote)]
     assert _dvc("config", "core.remote", cwd=clone).strip() == "storage"
     assert not any((clone / path).exists() for path in cached)
-    assert all((clone / path).is_file() for path in uncached)
+    assert all((clone / path).exists() for path in uncached)
     _dvc("pull", cwd=clone)
 
     assert json.loads(_dvc("status", "--json", cwd=clone)) == {}
@@ -291,8 +297,10 @@ def test_artifacts_survive_a_dvc_remote(reproduced_repo, tmp_path):
         assert ref.samefile(clone / ".dvc/cache/files/md5" / digest[:2] / digest[2:])
         assert stat.S_IMODE(ref.stat().st_mode) & 0o222 == 0
 
-    metrics = sorted(path.name for path in (origin / "metrics").glob("*.json"))
-    assert {"prepare.json", "shard.json", "evaluate.json"} <= set(metrics)
+    metrics = sorted(path.relative_to(origin / "metrics").as_posix()
+                     for path in (origin / "metrics").rglob("*.json"))
+    assert {"prepare.json", "shard.json", "evaluate/metrics.json",
+            "train/resnet18/p1/metrics.json"} <= set(metrics)
     for name in metrics:
         assert (clone / "metrics" / name).read_bytes() == (origin / "metrics" / name).read_bytes()
     assert (json.loads(_dvc("metrics", "show", "--json", cwd=clone))

@@ -28,9 +28,16 @@ from glr.data import mix
 from glr.data.samplers import continent_group_probs
 from glr.model import build_model
 from glr.model.folder import load_model
-from glr.params import ContinentParams, Params, load_params, parse_params
+from glr.params import ContinentParams, Params, PhaseParams, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _outside_the_repository(tmp_path, monkeypatch):
+    """Run from a scratch folder: DVCLive looks for a DVC repository from the working folder,
+    and would mark steps of the repository's experiments (.dvc/tmp/exps) otherwise."""
+    monkeypatch.chdir(tmp_path)
 
 
 def _weights_and_biases(lr: float) -> torch.optim.SGD:
@@ -204,14 +211,37 @@ def shard_dir(small_shards):
 def run_phase(params, shard_dir, root: Path, phase: str, stop_after_epochs=None):
     plan = train.plan_phase(params, "resnet10t", phase, shard_dir, root / "models",
                             root / "runs", world=1)
-    return train.train_phase(params, plan, shard_dir, root / "metrics" / f"{phase}.tsv",
+    return train.train_phase(params, plan, shard_dir, root / "metrics" / phase,
                              runtime.Dist(), stop_after_epochs=stop_after_epochs)
 
 
-def test_two_phases_grow_the_classifier_and_write_models(small_pipeline, shard_dir, tmp_path):
+def live_files(folder: Path) -> dict[str, bytes]:
+    """Every file of a DVCLive folder, relative path -> bytes."""
+    return {path.relative_to(folder).as_posix(): path.read_bytes()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def tsv(path: Path) -> list[list[str]]:
+    return [line.split("\t") for line in path.read_text().splitlines()]
+
+
+def test_two_phases_grow_the_classifier_and_write_models(small_pipeline, shard_dir, tmp_path,
+                                                         caplog, monkeypatch):
     params = tiny_params(small_pipeline[0])
     train.init_main(params, "resnet10t", tmp_path / "models")
+    monkeypatch.setattr(train, "CPU_WARN_SECONDS", 0.0)  # any phase is "long" on this CPU
+    caplog.set_level("INFO")
     run_phase(params, shard_dir, tmp_path, "p1")
+    # the time estimate: early (after ETA_SKIP + ETA_PROBE steps), then after every epoch;
+    # the CPU warning once, with the first estimate
+    estimates = re.findall(r"resnet10t/p1: about .+ for the whole phase \(3 epochs × \d+ steps "
+                           r"× [\d.e-]+ s/step\); .+ left, ends about \d{4}-\d\d-\d\d \d\d:\d\d",
+                           caplog.text)
+    assert len(estimates) == 4, caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("resnet10t/p1 at size 32 on a CPU (fp32)")
+    # with the first estimate: after the first epoch here (4 steps, fewer than the probe's)
+    assert caplog.text.index("on a CPU (fp32)") < caplog.text.index("resnet10t/p1 epoch 2:")
     run_phase(params, shard_dir, tmp_path, "p2")
     p1 = load_file(str(tmp_path / "models/resnet10t/p1/model.safetensors"))
     p2_model, config = load_model(tmp_path / "models/resnet10t/p2")
@@ -222,9 +252,33 @@ def test_two_phases_grow_the_classifier_and_write_models(small_pipeline, shard_d
     assert p2_model.head.weight.shape[0] == classes["all"] > classes["clean"]
     assert config["phase"] == "p2" and config["settings"]["list"] == "all"
     assert config["size"] == 32
-    history = (tmp_path / "metrics/p1.tsv").read_text().splitlines()
-    assert history[0].split("\t") == ["epoch", "loss", "top1", "lr"]
-    assert len(history) == 4  # header + 3 epochs
+    # DVCLive: step = epoch for the per-epoch values; the LOG_EVERY curves carry iterations
+    live = tmp_path / "metrics/p1"
+    plan = train.plan_phase(params, "resnet10t", "p1", shard_dir, tmp_path / "models",
+                            tmp_path / "runs", world=1)
+    assert sorted(live_files(live)) == [
+        "metrics.json", "params.yaml", "plots/metrics/epoch/loss.tsv",
+        "plots/metrics/epoch/top1.tsv", "plots/metrics/train/loss.tsv",
+        "plots/metrics/train/lr.tsv", "plots/metrics/train/top1.tsv"]
+    epoch_loss = tsv(live / "plots/metrics/epoch/loss.tsv")
+    assert epoch_loss[0] == ["step", "loss"] and [r[0] for r in epoch_loss[1:]] == ["1", "2", "3"]
+    windows = [(e * plan.steps_per_epoch + s) for e in range(3)
+               for s in range(plan.steps_per_epoch)
+               if (s + 1) % train.LOG_EVERY == 0 or s + 1 == plan.steps_per_epoch]
+    train_top1 = tsv(live / "plots/metrics/train/top1.tsv")
+    assert train_top1[0] == ["step", "top1"]
+    assert [int(r[0]) for r in train_top1[1:]] == windows
+    assert all(0.0 <= float(r[1]) <= 1.0 for r in train_top1[1:])
+    assert [r[0] for r in tsv(live / "plots/metrics/train/lr.tsv")[1:]] == [str(w) for w in windows]
+    final = load_model(tmp_path / "models/resnet10t/p1")[1]["final"]
+    # metrics.json: the last epoch's values under names of this phase's own (no `step`)
+    assert json.loads((live / "metrics.json").read_text()) == {
+        "resnet10t": {"p1": {"epoch": 3, "loss": final["loss"], "top1": final["top1"]}}}
+    logged = yaml.safe_load((live / "params.yaml").read_text())
+    assert logged["backbone"] == "resnet10t" and logged["phase"] == "p1"
+    assert logged["init"] == "pretrained" and logged["size"] == 32 and logged["epochs"] == 3
+    assert logged["steps_per_epoch"] == plan.steps_per_epoch and logged["precision"] == "fp32"
+    assert yaml.safe_load((tmp_path / "metrics/p2/params.yaml").read_text())["init"] == "p1"
     assert list((tmp_path / "runs/resnet10t/p1/tensorboard").iterdir())
 
 
@@ -236,18 +290,24 @@ def test_kill_and_resume_reaches_the_same_weights(small_pipeline, shard_dir, tmp
     with pytest.raises(KeyboardInterrupt):
         run_phase(params, shard_dir, tmp_path / "resumed", "p1", stop_after_epochs=1)
     assert not (tmp_path / "resumed/models/resnet10t/p1").exists()
+    # as if the run had been killed during epoch 2, after it had logged some of its steps
+    live = tmp_path / "resumed/metrics/p1"
+    with (live / "plots/metrics/train/loss.tsv").open("a") as file:
+        file.write("999\t1.5\n")
+    (live / "metrics.json").write_text('{"resnet10t": {"p1": {"epoch": 1.5, "loss": 9.0}}}')
     run_phase(params, shard_dir, tmp_path / "resumed", "p1")
     straight = load_file(str(tmp_path / "straight/models/resnet10t/p1/model.safetensors"))
     resumed = load_file(str(tmp_path / "resumed/models/resnet10t/p1/model.safetensors"))
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
-    history = (tmp_path / "resumed/metrics/p1.tsv").read_text().splitlines()
-    assert [line.split("\t")[0] for line in history[1:]] == ["1", "2", "3"]
-    # Same outputs as the uninterrupted run: numbers stay numbers through the checkpoint
-    # (config.json differs only in the `init` folder, which lies under another root here).
-    assert ((tmp_path / "resumed/metrics/p1.tsv").read_bytes()
-            == (tmp_path / "straight/metrics/p1.tsv").read_bytes())
+    resumed_live = live_files(tmp_path / "resumed/metrics/p1")
+    assert [r[0] for r in tsv(tmp_path / "resumed/metrics/p1/plots/metrics/epoch/top1.tsv")[1:]
+            ] == ["1", "2", "3"]
+    # Same outputs as the uninterrupted run: every DVCLive file byte for byte (numbers stay
+    # numbers through the checkpoint; no time in them), config.json but for the `init`
+    # folder, which lies under another root here.
+    assert resumed_live == live_files(tmp_path / "straight/metrics/p1")
     configs = [(tmp_path / name / "models/resnet10t/p1/config.json").read_text()
                .replace(str(tmp_path / name), "ROOT") for name in ("straight", "resumed")]
     assert configs[0] == configs[1]
@@ -269,7 +329,9 @@ def test_torchrun_two_processes_on_cpu(small_pipeline, shard_dir, tmp_path):
     assert "starting 2 processes" in result.stderr
     _, config = load_model(tmp_path / "models/resnet10t/p1")
     assert config["world_size"] == 2 and config["effective_batch"] == 16
-    assert len((tmp_path / "metrics/resnet10t/p1.tsv").read_text().splitlines()) == 4
+    metrics = json.loads((tmp_path / "metrics/resnet10t/p1/metrics.json").read_text())
+    assert metrics["resnet10t"]["p1"]["epoch"] == 3
+    assert len(tsv(tmp_path / "metrics/resnet10t/p1/plots/metrics/epoch/loss.tsv")) == 4
 
 
 def _processes_mentioning(text: str) -> dict[int, dict[str, str]]:
@@ -338,6 +400,77 @@ def test_a_dead_rank_under_torchrun_stops_the_run_and_a_rerun_resumes(small_pipe
     assert config["final"]["epoch"] == 3 and config["world_size"] == 2
 
 
+def test_phase_live_follows_a_running_epoch_and_resumes_on_a_checkpoints_files(tmp_path):
+    folder = tmp_path / "metrics/train/resnet18/p1"
+    live = train.PhaseLive(folder, "resnet18", "p1", {"epochs": 2, "size": 64}, train.Resumed())
+
+    def metrics() -> dict:
+        return json.loads((folder / "metrics.json").read_text())["resnet18"]["p1"]
+
+    # 40 steps an epoch, LOG_EVERY 20: a window's means on the curves, the epoch so far in
+    # metrics.json (what `dvc exp show` shows of a running experiment)
+    live.window(19, 9.5, 0.25, 0.1, progress=0.5, epoch_loss=9.5, epoch_top1=0.25)
+    assert metrics() == {"epoch": 0.5, "loss": 9.5, "top1": 0.25}
+    live.window(39, 8.5, 0.75, 0.05, progress=1.0, epoch_loss=9.0, epoch_top1=0.5)
+    live.epoch({"epoch": 1, "loss": 9.0, "top1": 0.5, "lr": 0.05})
+    files = live.files()
+    assert json.loads(files["metrics.json"]) == {"resnet18": {"p1": {"epoch": 1, "loss": 9.0,
+                                                                     "top1": 0.5}}}
+    assert files["plots/metrics/train/loss.tsv"] == "step\tloss\n19\t9.5\n39\t8.5\n"
+    assert files["plots/metrics/train/lr.tsv"] == "step\tlr\n19\t0.1\n39\t0.05\n"
+    assert files["plots/metrics/epoch/top1.tsv"] == "step\ttop1\n1\t0.5\n"
+    assert yaml.safe_load(files["params.yaml"]) == {"epochs": 2, "size": 64}
+    live.window(59, 7.0, 0.5, 0.01, progress=1.5, epoch_loss=7.0, epoch_top1=0.5)
+
+    # a run resumed from the checkpoint of epoch 1: the window logged after it is gone
+    resumed = train.PhaseLive(folder, "resnet18", "p1", {"epochs": 2, "size": 64},
+                              train.Resumed(1, {}, files))
+    assert resumed.files() == files
+    resumed.window(59, 6.0, 1.0, 0.01, progress=1.5, epoch_loss=6.0, epoch_top1=1.0)
+    resumed.epoch({"epoch": 2, "loss": 6.0, "top1": 1.0, "lr": 0.01})
+    resumed.end()
+    assert (folder / "plots/metrics/train/loss.tsv").read_text() == (
+        "step\tloss\n19\t9.5\n39\t8.5\n59\t6.0\n")
+    assert (folder / "plots/metrics/epoch/loss.tsv").read_text() == "step\tloss\n1\t9.0\n2\t6.0\n"
+    assert metrics() == {"epoch": 2, "loss": 6.0, "top1": 1.0}
+
+
+def test_phase_estimate_leaves_out_the_warm_up_steps():
+    # 12 epochs of 21 steps; the first two steps (9 s, 4 s) warm up, then 1.25, 1.0, 0.75 s
+    estimate = train.estimate_phase([9.0, 4.0, 1.25, 1.0, 0.75], steps_done=5,
+                                    steps_per_epoch=21, epochs=12)
+    assert estimate == train.Estimate(seconds_per_step=1.0, total_seconds=252.0,
+                                      remaining_seconds=247.0)
+    # a resumed run: 3 epochs were done before it, 2 steps by it (too few to leave any out)
+    estimate = train.estimate_phase([3.0, 5.0], steps_done=3 * 21 + 2, steps_per_epoch=21,
+                                    epochs=4)
+    assert estimate == train.Estimate(4.0, 336.0, 76.0)
+    # the end of the phase
+    assert train.estimate_phase([2.0] * 10, 84, 21, 4).remaining_seconds == 0.0
+    with pytest.raises(ValueError, match="no measured step"):
+        train.estimate_phase([], 0, 21, 4)
+    assert [train.format_duration(s) for s in (45, 720, 14400, 3 * 86400)] == [
+        "45 s", "12 min", "4.0 h", "3.0 days"]
+
+
+def test_a_long_phase_on_a_cpu_is_a_warning_naming_the_estimate_and_its_cause():
+    plan = train.PhasePlan(
+        backbone="resnet18", name="p1", phase=PhaseParams(epochs=12, batch=32), snapshots=(),
+        size=512, groups=["clean"], probs=None, num_classes=60, list_samples=672,
+        steps_per_epoch=21, init_dir=Path("models/resnet18/pretrained"),
+        out_dir=Path("models/resnet18/p1"), run_dir=Path("runs/resnet18/p1"))
+    slow = train.estimate_phase([80.0, 60.0, 57.5, 57.0, 56.5], 5, 21, 12)  # 57 s/step
+    assert slow.total_seconds == 14364.0  # 4.0 h
+    assert train.cpu_warning(plan, slow, torch.device("cpu"), "fp32") == (
+        "resnet18/p1 at size 512 on a CPU (fp32): about 4.0 h for the whole phase (12 epochs "
+        "× 21 steps × 57.0 s/step, batch 32). A GPU runs such steps tens of times faster; on "
+        "a CPU a smaller model.size or fewer train.phases.p1.epochs shorten it (the time grows "
+        "with size²).")
+    assert train.cpu_warning(plan, slow, torch.device("cuda", 0), "fp16") is None
+    quick = train.estimate_phase([9.0, 4.0, 1.0], 3, 21, 12)  # 252 s
+    assert train.cpu_warning(plan, quick, torch.device("cpu"), "fp32") is None
+
+
 # --------------------------------------------------------------------------- recipes
 
 
@@ -395,18 +528,18 @@ def test_rerun_of_a_finished_phase_restores_its_outputs(small_pipeline, shard_di
     run_phase(params, shard_dir, tmp_path, "p1")
     weights = (tmp_path / "models/resnet10t/p1/model.safetensors").read_bytes()
     config = (tmp_path / "models/resnet10t/p1/config.json").read_bytes()
-    history = (tmp_path / "metrics/p1.tsv").read_text()
+    history = live_files(tmp_path / "metrics/p1")
     final = json.loads(config)["final"]
     assert all(isinstance(final[key], float) for key in ("loss", "top1", "lr"))
     shutil.rmtree(tmp_path / "models/resnet10t/p1")
-    (tmp_path / "metrics/p1.tsv").unlink()
+    shutil.rmtree(tmp_path / "metrics/p1")
     caplog.set_level("INFO")
     run_phase(params, shard_dir, tmp_path, "p1")
     assert "after epoch 3" in caplog.text and "epoch 1:" not in caplog.text.split("resuming")[1]
     assert (tmp_path / "models/resnet10t/p1/model.safetensors").read_bytes() == weights
     # config.json too: `dvc status` would otherwise see a changed model and rerun extraction.
     assert (tmp_path / "models/resnet10t/p1/config.json").read_bytes() == config
-    assert (tmp_path / "metrics/p1.tsv").read_text() == history
+    assert live_files(tmp_path / "metrics/p1") == history
 
 
 def test_a_size_above_the_shards_max_side_is_a_clear_error(small_pipeline, shard_dir, tmp_path):

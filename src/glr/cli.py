@@ -97,7 +97,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     if not args.metrics.is_file():
         raise ParamsError(f"{args.metrics}: no such file; run `dvc repro` (or `glr evaluate`) "
                           "first")
-    print(evaluate.headline(json.loads(args.metrics.read_text())))
+    print(evaluate.headline(json.loads(args.metrics.read_text()), source=str(args.metrics)))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -110,8 +110,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         return
     params = load_params(args.params)
     solution = args.solution or Path(params.data.root) / "test" / "retrieval_solution_v2.1.csv"
-    evaluate.main(params, args.retrieval, solution, args.out or Path("metrics/evaluate.json"),
-                  args.curve)
+    if args.out is not None:
+        raise ParamsError("--out is the standalone score's file (with --submission); the stage "
+                          "writes into --live")
+    evaluate.main(params, args.retrieval, solution, args.live)
 
 
 def cmd_visualize(args: argparse.Namespace) -> None:
@@ -119,7 +121,7 @@ def cmd_visualize(args: argparse.Namespace) -> None:
 
     params = load_params(args.params)
     solution = Path(params.data.root) / "test" / "retrieval_solution_v2.1.csv"
-    path = visualize.main(args.retrieval, args.shards, solution, args.out, args.queries,
+    path = visualize.main(args.retrieval, args.shards, solution, args.live, args.queries,
                           args.top)
     log.info("wrote %s", path)
 
@@ -208,6 +210,12 @@ def cmd_bench_gpu(args: argparse.Namespace) -> None:
                    workdir=args.workdir)
 
 
+def cmd_bench_default(args: argparse.Namespace) -> None:
+    from glr.bench import default as bench_default
+
+    bench_default.main(out=args.out, seeds=args.seeds, workdir=args.workdir, keep=args.keep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="glr",
@@ -289,8 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "your own torchrun. Resumes from RUNS/<backbone>/<phase>/checkpoint.pt. "
                     "Reads: SHARDS (manifests, lists.json), MODELS/<backbone>/<init>/; params "
                     "`model`, `train`. Writes: MODELS/<backbone>/<phase>/ (model.safetensors, "
-                    "config.json), METRICS/<backbone>/<phase>.tsv (per-epoch loss, top-1, LR), "
-                    "RUNS/<backbone>/<phase>/ (TensorBoard logs, checkpoint).")
+                    "config.json), METRICS/<backbone>/<phase>/ (DVCLive: params.yaml, "
+                    "metrics.json with the last epoch's loss and top-1, plots/metrics/epoch/*.tsv "
+                    "per epoch and plots/metrics/train/*.tsv (loss, top-1, LR) every 20 steps), "
+                    "RUNS/<backbone>/<phase>/ (TensorBoard logs, checkpoint). Logs the phase's "
+                    "estimated duration and end after its first steps and after each epoch; on a "
+                    "CPU it warns when the phase takes over an hour.")
     _add_params(train)
     train.add_argument("--backbone", required=True, help="one of params model.backbones")
     train.add_argument("--phase", required=True,
@@ -302,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--runs", type=Path, default=Path("runs"),
                        help="checkpoints and TensorBoard logs (default: %(default)s)")
     train.add_argument("--metrics", type=Path, default=Path("metrics/train"),
-                       help="per-epoch TSV for `dvc plots` (default: %(default)s)")
+                       help="DVCLive folders, METRICS/<backbone>/<phase>/ (default: "
+                            "%(default)s)")
     train.set_defaults(func=cmd_train)
 
     ext = stages.add_parser(
@@ -347,19 +360,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "METRICS.json] scores any Kaggle-format submission against a GLDv2-format "
                     "solution. As a stage (no --submission): scores every ranking of RETRIEVAL "
                     "against the solution under params data.root. Reads: RETRIEVAL/topk/*, "
-                    "the solution CSV. Writes: OUT (default metrics/evaluate.json) and CURVE "
-                    "(precision@k per variant for `dvc plots`).")
+                    "the solution CSV. Writes with DVCLive into LIVE: metrics.json (the final "
+                    "submission's map100, map100_public, map100_private, precision1, "
+                    "precision5, precision10, precision100, recall100, queries, contaminated; "
+                    "per model and variant map100, map100_public, map100_private, e.g. "
+                    "resnet18.rerank.map100) and plots/custom/precision_at_k/<model>.json "
+                    "(precision@k, plain and rerank, for `dvc plots`).")
     _add_params(ev)
     ev.add_argument("--solution", type=Path, default=None,
                     help="GLDv2 solution CSV (default: <data.root>/test/"
                          "retrieval_solution_v2.1.csv)")
     ev.add_argument("--submission", type=Path, default=None,
                     help="a Kaggle-format submission to score on its own")
-    ev.add_argument("--out", type=Path, default=None, help="metrics JSON to write")
+    ev.add_argument("--out", type=Path, default=None,
+                    help="with --submission: the metrics JSON to write")
     ev.add_argument("--retrieval", type=Path, default=Path("data/retrieval"),
                     help="retrieve's output folder (default: %(default)s)")
-    ev.add_argument("--curve", type=Path, default=Path("metrics/precision_at_k.tsv"),
-                    help="precision@k per variant (default: %(default)s)")
+    ev.add_argument("--live", type=Path, default=Path("metrics/evaluate"),
+                    help="the stage's DVCLive folder (default: %(default)s)")
     ev.set_defaults(func=cmd_evaluate)
 
     rep = stages.add_parser(
@@ -369,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "backbones) and the submission's, from METRICS. `make repro` ends with it; "
                     "`dvc metrics show` has every number, the counts of metrics/prepare.json "
                     "and metrics/shard.json included.")
-    rep.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"),
+    rep.add_argument("--metrics", type=Path, default=Path("metrics/evaluate/metrics.json"),
                      help="glr evaluate's output (default: %(default)s)")
     rep.set_defaults(func=cmd_report)
 
@@ -378,14 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw the first QUERIES validation queries (by id) with their TOP best index "
                     "images of the final ranking, framed green (ground truth) or red. Reads: "
                     "RETRIEVAL, SHARDS (query and eval_index groups), the solution CSV under "
-                    "params data.root. Writes: OUT (PNG).")
+                    "params data.root. Writes with DVCLive: LIVE/plots/images/retrieval.png "
+                    "(`dvc plots show`).")
     _add_params(vis)
     vis.add_argument("--retrieval", type=Path, default=Path("data/retrieval"),
                      help="retrieve's output folder (default: %(default)s)")
     vis.add_argument("--shards", type=Path, default=Path("data/shards"),
                      help="shard folder (default: %(default)s)")
-    vis.add_argument("--out", type=Path, default=Path("metrics/retrieval.png"),
-                     help="PNG to write (default: %(default)s)")
+    vis.add_argument("--live", type=Path, default=Path("metrics/visualize"),
+                     help="the stage's DVCLive folder (default: %(default)s)")
     vis.add_argument("--queries", type=int, default=8, help="rows (default: %(default)s)")
     vis.add_argument("--top", type=int, default=8, help="results per row (default: 8)")
     vis.set_defaults(func=cmd_visualize)
@@ -519,6 +538,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench_gpu.add_argument("--workdir", type=Path, default=None,
                            help="where the generated data goes (default: a temporary folder)")
     bench_gpu.set_defaults(func=cmd_bench_gpu)
+
+    bench_def = benches.add_parser(
+        "default", help="the embedded default over several synth seeds (~30 min on 2 cores)",
+        description="Runs the whole pipeline (`dvc repro`, as `make repro`) once per synth seed, "
+                    "each in a fresh DVC project with this repository's dvc.yaml, params.yaml "
+                    "and src/, and writes OUT: each seed's plain and reranked mAP@100 and wall "
+                    "time, their means and spread, and the targets (plain >= 0.40 on average, "
+                    "rerank +0.05, spread <= 0.08, each run <= 10 min). Run it from the "
+                    "repository root.")
+    bench_def.add_argument("--out", type=Path, default=Path("metrics/bench/default.json"),
+                           help="result file (default: %(default)s)")
+    bench_def.add_argument("--seeds", type=int, nargs="+", default=[2021, 7, 11],
+                           help="synth.seed values, one pipeline run each (default: "
+                                "%(default)s)")
+    bench_def.add_argument("--workdir", type=Path, default=None,
+                           help="where the runs' projects go, kept (default: a temporary "
+                                "folder, removed)")
+    bench_def.add_argument("--keep", action="store_true",
+                           help="keep the temporary folder of the runs")
+    bench_def.set_defaults(func=cmd_bench_default)
 
     bench_ret = benches.add_parser(
         "retrieve", help="the retrieve stage vs the authors' per-query procedure, and memory",

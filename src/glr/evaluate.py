@@ -1,15 +1,22 @@
 """Stage `evaluate`: mAP@100 (the official GLDv2 definition, glr.metric) for `dvc metrics`.
 
 Scores every ranking `retrieve` wrote (each backbone before and after the rerank, the
-ensemble) against the GLDv2 solution file, so `dvc metrics diff` shows what each part adds:
+ensemble) against the GLDv2 solution file, so `dvc metrics diff` shows what each part adds.
+It logs through DVCLive into one folder (default metrics/evaluate/):
 
-    metrics/evaluate.json          final map@100 (+ public/private), precision@k, recall@100,
-                                   and per variant: map@100, public, private
-    metrics/precision_at_k.tsv     mean precision@k, k = 1..100, one column per variant
-                                   (`dvc plots show`)
+    metrics.json       the final submission's map100, map100_public, map100_private,
+                       precision1, precision5, precision10, precision100, recall100, queries,
+                       contaminated; and per model and variant, e.g. resnet18.plain and
+                       resnet18.rerank (ensemble.* with several backbones): map100,
+                       map100_public, map100_private
+    plots/custom/precision_at_k/<model>.json
+                       mean precision@k (k from 1 to 100) of the model's plain and rerank
+                       rankings
+                       (fields k, plain, rerank: one chart per model, `dvc plots show`)
 
+Names are glr.metric's without the `@` (map@100 -> map100), short enough for `dvc exp show`.
 `glr evaluate --solution S --submission SUB --out M.json` scores any Kaggle-format
-submission on its own.
+submission on its own, with the same names.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -58,8 +66,54 @@ def _write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def main(params: Params, retrieval_dir: Path, solution_csv: Path, metrics_path: Path,
-         curve_path: Path) -> dict:
+def short_names(result: dict) -> dict:
+    """glr.metric's keys without the `@`: map@100 -> map100, precision@1 -> precision1."""
+    return {key.replace("@", ""): value for key, value in result.items()}
+
+
+def split_variant(name: str) -> tuple[str, str]:
+    """`resnet18-rerank` -> (resnet18, rerank): the model (a backbone or `ensemble`) and the
+    kind of ranking, as retrieve names its variants."""
+    model, _, kind = name.rpartition("-")
+    return model, kind
+
+
+VARIANT_KEYS = ("map100", "map100_public", "map100_private")
+
+
+def summarize(results: dict[str, dict], final: str, contaminated_flag: bool) -> dict:
+    """metrics.json's content from the variants' glr.metric results (short names): the final
+    variant's numbers, then each model's variants nested (`resnet18: {plain: {...}}`)."""
+    summary = {key: value for key, value in short_names(results[final]).items()
+               if not key.startswith("queries") and key != "answered"}
+    summary["queries"] = results[final]["queries"]
+    summary["contaminated"] = contaminated_flag
+    for name in sorted(results):
+        model, kind = split_variant(name)
+        short = short_names(results[name])
+        summary.setdefault(model, {})[kind] = {key: short[key] for key in VARIANT_KEYS}
+    return summary
+
+
+KINDS = ("plain", "rerank")  # the rankings retrieve writes per model
+
+
+def curve_rows(curves: dict[str, list[float]], model: str,
+               ks: tuple[int, ...] = CURVE_KS) -> list[dict]:
+    """A model's precision@k points: one row per k with a field per kind, null for a kind
+    retrieve did not write (`retrieve.rerank: false`): dvc.yaml's chart names both fields,
+    and `dvc plots show` fails on a missing field but leaves a null line out."""
+    kinds = {kind: curves.get(f"{model}-{kind}") for kind in KINDS}
+    return [{"k": k, **{kind: None if values is None else values[i]
+                        for kind, values in kinds.items()}}
+            for i, k in enumerate(ks)]
+
+
+def main(params: Params, retrieval_dir: Path, solution_csv: Path, live_dir: Path) -> dict:
+    """Score every variant; write metrics.json and the precision@k curves with DVCLive into
+    `live_dir` (the folder is emptied first). Returns metrics.json's content."""
+    from dvclive import Live  # imports DVC: only where the stage runs
+
     solution = metric.read_solution_csv(solution_csv)
     listing = json.loads((Path(retrieval_dir) / "variants.json").read_text())
     results, curves = {}, {}
@@ -70,21 +124,25 @@ def main(params: Params, retrieval_dir: Path, solution_csv: Path, metrics_path: 
         log.info("%-24s mAP@100 %.4f (public %.4f, private %.4f)", name,
                  results[name]["map@100"], results[name]["map@100_public"],
                  results[name]["map@100_private"])
-    final = results[listing["final"]]
-    summary = {key: final[key] for key in final if not key.startswith("queries")
-               and key != "answered"}
-    summary["queries"] = final["queries"]
-    summary["contaminated"] = contaminated(params)
-    summary["variants"] = {name: {key: result[key] for key in
-                                  ("map@100", "map@100_public", "map@100_private")}
-                           for name, result in results.items()}
-    _write(Path(metrics_path), json.dumps(summary, indent=2) + "\n")
-    names = sorted(curves)
-    lines = ["\t".join(["k", *names])]
-    lines += ["\t".join([str(k), *(f"{curves[n][i]:.6f}" for n in names)])
-              for i, k in enumerate(CURVE_KS)]
-    _write(Path(curve_path), "\n".join(lines) + "\n")
-    log.info("final (%s): mAP@100 %.4f%s", listing["final"], summary["map@100"],
+    summary = summarize(results, listing["final"], contaminated(params))
+    live_dir = Path(live_dir)
+    shutil.rmtree(live_dir, ignore_errors=True)  # nothing of an earlier run stays
+    # dvcyaml=False: dvc.yaml declares the outputs; save_dvc_exp=False: `dvc exp run` records
+    # the experiment. No step: metrics.json holds the numbers only.
+    live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            for kind, numbers in value.items():
+                for name, number in numbers.items():
+                    live.log_metric(f"{key}/{kind}/{name}", number, plot=False)
+        else:
+            live.log_metric(key, value, plot=False)
+    for model in sorted({split_variant(name)[0] for name in curves}):
+        # the chart's settings are dvc.yaml's (dvcyaml=False): these only name the fields
+        live.log_plot(f"precision_at_k/{model}", curve_rows(curves, model), x="k",
+                      y=list(KINDS))
+    live.end()
+    log.info("final (%s): mAP@100 %.4f%s", listing["final"], summary["map100"],
              " — CONTAMINATED: a phase trained on `all`, which holds the validation queries"
              if summary["contaminated"] else "")
     return summary
@@ -92,7 +150,7 @@ def main(params: Params, retrieval_dir: Path, solution_csv: Path, metrics_path: 
 
 def standalone(solution_csv: Path, submission_csv: Path, out: Path | None) -> dict:
     """Score one Kaggle-format submission file; print and optionally write the metrics."""
-    result = metric.evaluate_files(solution_csv, submission_csv)
+    result = short_names(metric.evaluate_files(solution_csv, submission_csv))
     text = json.dumps(result, indent=2) + "\n"
     if out is not None:
         _write(Path(out), text)
@@ -100,29 +158,28 @@ def standalone(solution_csv: Path, submission_csv: Path, out: Path | None) -> di
     return result
 
 
-def headline(metrics: dict) -> str:
+def headline(metrics: dict, source: str = "metrics/evaluate/metrics.json") -> str:
     """The result in a few lines: mAP@100 (all, public, private) of each backbone with and
     without the rerank, the ensemble's only when there are several backbones, then the final
-    submission's. `metrics` is what `main` writes (metrics/evaluate.json)."""
-    variants = metrics.get("variants", {})
-    backbones = sorted({name.rsplit("-", 1)[0] for name in variants} - {"ensemble"})
+    submission's. `metrics` is what `main` writes (`source`, named in the first line)."""
+    models = {key: value for key, value in metrics.items() if isinstance(value, dict)}
+    backbones = sorted(set(models) - {"ensemble"})
     rows = []
     for backbone in [*backbones, *(["ensemble"] if len(backbones) > 1 else [])]:
         for kind, label in (("plain", "plain search"), ("rerank", "+ rerank")):
-            result = variants.get(f"{backbone}-{kind}")
+            result = models.get(backbone, {}).get(kind)
             if result is not None:
                 rows.append((backbone, label, result))
     width = max([len(b) for b, _, _ in rows] + [8])
-    lines = [f"mAP@100 on {metrics.get('queries', '?')} validation queries "
-             "(metrics/evaluate.json)",
+    lines = [f"mAP@100 on {metrics.get('queries', '?')} validation queries ({source})",
              f"{'':{width}}  {'':12}  {'all':>6}  {'public':>6}  {'private':>7}"]
     for backbone, label, result in rows:
-        lines.append(f"{backbone:{width}}  {label:12}  {result['map@100']:6.4f}  "
-                     f"{result['map@100_public']:6.4f}  {result['map@100_private']:7.4f}")
-    if "map@100" in metrics:
+        lines.append(f"{backbone:{width}}  {label:12}  {result['map100']:6.4f}  "
+                     f"{result['map100_public']:6.4f}  {result['map100_private']:7.4f}")
+    if "map100" in metrics:
         flag = "  (contaminated: validation queries were trained on)" if metrics.get(
             "contaminated") else ""
-        lines.append(f"submission: mAP@100 {metrics['map@100']:.4f} (public "
-                     f"{metrics['map@100_public']:.4f}, private "
-                     f"{metrics['map@100_private']:.4f}){flag}")
+        lines.append(f"submission: mAP@100 {metrics['map100']:.4f} (public "
+                     f"{metrics['map100_public']:.4f}, private "
+                     f"{metrics['map100_private']:.4f}){flag}")
     return "\n".join(lines)

@@ -10,9 +10,19 @@ warmup counted in epochs and stepped per iteration, ArcFace + cross-entropy, mix
 (fp16 + GradScaler on CUDA, bf16 autocast on a CPU with native bfloat16, fp32 on other CPUs),
 channels_last. Under torchrun every rank
 reads its own part of the shards; only rank 0 logs and writes. Resumable: a checkpoint
-(model, optimizer, scheduler, scaler, epoch, RNG states) is written every
-`train.checkpoint_every` epochs to `runs/B/P/checkpoint.pt`, and a restarted stage resumes
-from it when it belongs to the same phase settings and starting weights.
+(model, optimizer, scheduler, scaler, epoch, RNG states, the DVCLive files so far) is written
+every `train.checkpoint_every` epochs to `runs/B/P/checkpoint.pt`, and a restarted stage
+resumes from it when it belongs to the same phase settings and starting weights.
+
+Logs: TensorBoard in `runs/B/P/tensorboard`, and DVCLive in `metrics/train/B/P/` (one folder
+per stage, declared in dvc.yaml): `params.yaml` (the phase's resolved settings),
+`metrics.json` (`dvc metrics` / `dvc exp show`: `B.P.epoch`, `B.P.loss`, `B.P.top1`, updated
+while the phase runs) and `plots/metrics/{epoch,train}/*.tsv` (`dvc plots show`). Steps, as
+TensorBoard's: `epoch/loss` and `epoch/top1` are logged at step = the epoch (1-based); the
+curves of every LOG_EVERY steps, `train/loss`, `train/top1` (the means of those steps) and
+`train/lr`, at step = the iteration (0-based over the whole phase, the window's last). Only
+deterministic values go to these files, so a resumed stage writes the very bytes of an
+uninterrupted one; times (speed, the phase's estimated duration) go to the log and TensorBoard.
 """
 
 from __future__ import annotations
@@ -223,9 +233,11 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch: int,
-                    fingerprint: str, history: list[dict]) -> None:
+                    fingerprint: str, summary: dict, live_files: dict[str, str]) -> None:
     state = {
-        "history": json.dumps(history),
+        # the last epoch's summary and the DVCLive files as they were at this epoch's end, as
+        # JSON strings: numbers stay numbers and come back as the same floats
+        "summary": json.dumps(summary), "live": json.dumps(live_files),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
@@ -243,16 +255,24 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch: int,
     tmp.replace(path)
 
 
-def try_resume(path: Path, fingerprint: str, model, optimizer, scheduler, scaler
-               ) -> tuple[int, list[dict]]:
-    """Load a matching checkpoint: (finished epochs, their history rows); (0, []) without."""
+@dataclasses.dataclass(frozen=True)
+class Resumed:
+    """What a checkpoint restores besides the training state."""
+
+    epoch: int = 0  # finished epochs
+    summary: dict = dataclasses.field(default_factory=dict)  # the last epoch's
+    live_files: dict = dataclasses.field(default_factory=dict)  # DVCLive folder, path -> text
+
+
+def try_resume(path: Path, fingerprint: str, model, optimizer, scheduler, scaler) -> Resumed:
+    """Load a matching checkpoint; Resumed() (epoch 0) without one."""
     if not path.is_file():
-        return 0, []
+        return Resumed()
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("fingerprint") != fingerprint:
         log.warning("%s belongs to other settings, code or starting weights; starting afresh",
                     path)
-        return 0, []
+        return Resumed()
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -262,37 +282,168 @@ def try_resume(path: Path, fingerprint: str, model, optimizer, scheduler, scaler
     if len(state["cuda_rng"]) and model_device(model).type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng"], model_device(model))
     random.setstate((3, tuple(state["python_rng"]), None))
-    return int(state["epoch"]), json.loads(state["history"])
+    return Resumed(int(state["epoch"]), json.loads(state["summary"]),
+                   json.loads(state["live"]))
 
 
-class History:
-    """Per-epoch values as a TSV for `dvc plots` (rank 0 only); kept in checkpoints too.
+class PhaseLive:
+    """The DVCLive folder of one phase (rank 0 only): params, metrics.json and curves.
 
-    Rows keep their values as numbers (JSON round-trips a float exactly), so that a run resumed
-    from a checkpoint writes the same config.json and TSV bytes as an uninterrupted one; only
-    the TSV formats them.
+    metrics.json holds `{<backbone>: {<phase>: {epoch, loss, top1}}}`: names no other
+    stage's file has, so `dvc exp show` gives each a short column of its own
+    (`resnet18.p1.loss`) where shared names would each be prefixed with their file's path.
+    For the same reason it has no DVCLive `step` (which `next_step()` would write into every
+    phase's file): `live.step` is set while values are logged, for the curves' step column,
+    and None otherwise, and `sync()` closes an epoch. Between epochs the three values follow
+    the running epoch (epoch as a fraction, loss and top-1 as the epoch's means so far), so
+    `dvc exp show` follows a running experiment.
+
+    DVC deletes the stage's outputs before it reruns the stage, and a run killed after its
+    last checkpoint has logged epochs that the resumed run trains again: the folder is
+    therefore rebuilt from the files the checkpoint holds (as they were at its epoch's end)
+    and DVCLive resumes on them, so a resumed phase ends with the same bytes as an
+    uninterrupted one.
     """
 
-    def __init__(self, path: Path, rows: list[dict]):
-        self.path = path
-        self.rows = [dict(row) for row in rows]
+    def __init__(self, folder: Path, backbone: str, phase: str, params: dict,
+                 resumed: Resumed):
+        from dvclive import Live  # imports DVC: only where a phase really logs
 
-    def add(self, row: dict) -> None:
-        self.rows.append(dict(row))
-        self.write()
+        self.folder = Path(folder)
+        self.backbone, self.phase = backbone, phase
+        shutil.rmtree(self.folder, ignore_errors=True)
+        for name, text in resumed.live_files.items():
+            (self.folder / name).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.folder / name, "w", encoding="utf-8", newline="") as file:
+                file.write(text)  # newline="": the very bytes, line ends included
+        # dvcyaml=False: dvc.yaml declares these files as the stage's outputs itself;
+        # save_dvc_exp=False: `dvc exp run` records the experiment, not DVCLive
+        self.live = Live(str(self.folder), resume=bool(resumed.live_files), dvcyaml=False,
+                         save_dvc_exp=False)
+        self.live.step = None  # see the class docstring
+        self.live.log_params(params)
 
-    @staticmethod
-    def cell(value: object) -> str:
-        return f"{value:.6g}" if isinstance(value, float) else str(value)
+    def _log(self, step: int, values: dict[str, float]) -> None:
+        live = self.live
+        live.step = step
+        for name, value in values.items():
+            live.log_metric(name, value)
+        live.step = None
 
-    def write(self) -> None:
-        if not self.rows:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        header = list(self.rows[0])
-        lines = ["\t".join(header)]
-        lines += ["\t".join(self.cell(r[h]) for h in header) for r in self.rows]
-        self.path.write_text("\n".join(lines) + "\n")
+    def _summary(self, epoch: float, loss: float, top1: float) -> None:
+        self.live.summary = {self.backbone: {self.phase: {"epoch": epoch, "loss": loss,
+                                                          "top1": top1}}}
+
+    def window(self, iteration: int, loss: float, top1: float, lr: float, progress: float,
+               epoch_loss: float, epoch_top1: float) -> None:
+        """The means of the last LOG_EVERY steps at their last iteration (the curves); the
+        epoch so far (`progress` in epochs, its means) in metrics.json."""
+        self._log(iteration, {"train/loss": loss, "train/top1": top1, "train/lr": lr})
+        self._summary(progress, epoch_loss, epoch_top1)
+        self.live.make_summary()
+
+    def epoch(self, summary: dict) -> None:
+        """An epoch's loss and top-1, at step = its number (1-based)."""
+        self._log(summary["epoch"], {"epoch/loss": summary["loss"],
+                                     "epoch/top1": summary["top1"]})
+        self._summary(summary["epoch"], summary["loss"], summary["top1"])
+        self.live.sync()
+
+    def files(self) -> dict[str, str]:
+        """Every file of the folder (relative path -> text), for the checkpoint."""
+        files = {}
+        for path in sorted(self.folder.rglob("*")):
+            if path.is_file():
+                with open(path, encoding="utf-8", newline="") as file:
+                    files[path.relative_to(self.folder).as_posix()] = file.read()
+        return files
+
+    def end(self) -> None:
+        self.live.end()
+
+
+def live_params(plan: PhasePlan, env: Dist, precision: str) -> dict:
+    """The phase's resolved settings for DVCLive's params.yaml (no absolute paths, so that a
+    run under another root writes the same file)."""
+    settings = dataclasses.asdict(plan.phase)
+    settings["size"] = plan.size
+    return {"backbone": plan.backbone, "phase": plan.name,
+            "init": plan.init_dir.relative_to(plan.out_dir.parent).as_posix(),
+            **settings, "steps_per_epoch": plan.steps_per_epoch, "images": plan.list_samples,
+            "classes": plan.num_classes, "processes": env.world,
+            "effective_batch": plan.phase.batch * env.world, "precision": precision}
+
+
+# --------------------------------------------------------------------------- time estimate
+
+# Steps left out of the time estimate: the first ones include one-time warm-up (allocator,
+# kernel selection, the first DataLoader workers starting).
+ETA_SKIP = 2
+# Measured steps (after the skipped ones) before the first estimate is logged.
+ETA_PROBE = 3
+# On a CPU, a phase estimated to take longer than this is worth a warning.
+CPU_WARN_SECONDS = 3600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """How long a phase takes, from measured step times."""
+
+    seconds_per_step: float
+    total_seconds: float  # the whole phase, every epoch, as if it ran at this pace throughout
+    remaining_seconds: float  # the steps not done yet
+
+
+def estimate_phase(step_seconds: list[float], steps_done: int, steps_per_epoch: int,
+                   epochs: int, skip: int = ETA_SKIP) -> Estimate:
+    """The phase's duration from the durations of this run's steps, in order.
+
+    The first `skip` steps are left out when later ones exist (warm-up); `steps_done` counts
+    the phase's finished steps, those of epochs a resumed run skipped included.
+    """
+    if not step_seconds:
+        raise ValueError("no measured step")
+    steady = step_seconds[skip:] if len(step_seconds) > skip else step_seconds
+    per_step = sum(steady) / len(steady)
+    total_steps = steps_per_epoch * epochs
+    return Estimate(per_step, per_step * total_steps,
+                    per_step * max(0, total_steps - steps_done))
+
+
+def format_duration(seconds: float) -> str:
+    """45 s, 12 min, 4.1 h, 2.3 days."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def cpu_warning(plan: PhasePlan, estimate: Estimate, device: torch.device,
+                precision: str) -> str | None:
+    """The warning for a phase that takes hours on a CPU (None on a GPU or when it is short)."""
+    if device.type != "cpu" or estimate.total_seconds <= CPU_WARN_SECONDS:
+        return None
+    return (f"{plan.backbone}/{plan.name} at size {plan.size} on a CPU ({precision}): about "
+            f"{format_duration(estimate.total_seconds)} for the whole phase "
+            f"({plan.phase.epochs} epoch{'s' if plan.phase.epochs > 1 else ''} × "
+            f"{plan.steps_per_epoch} steps × "
+            f"{estimate.seconds_per_step:.1f} s/step, batch {plan.phase.batch}). A GPU runs "
+            f"such steps tens of times faster; on a CPU a smaller model.size or fewer "
+            f"train.phases.{plan.name}.epochs shorten it (the time grows with size²).")
+
+
+def log_estimate(plan: PhasePlan, estimate: Estimate) -> None:
+    ends = time.strftime("%Y-%m-%d %H:%M", time.localtime(time.time()
+                                                          + estimate.remaining_seconds))
+    epochs = plan.phase.epochs
+    log.info("%s/%s: about %s for the whole phase (%d epoch%s × %d steps × %.3g s/step); "
+             "%s left, ends about %s", plan.backbone, plan.name,
+             format_duration(estimate.total_seconds), epochs, "s" if epochs > 1 else "",
+             plan.steps_per_epoch, estimate.seconds_per_step,
+             format_duration(estimate.remaining_seconds), ends)
 
 
 # Steps between reads of the running loss and accuracy for TensorBoard and the progress bar.
@@ -339,16 +490,21 @@ class RunningStats:
 
 
 def log_steps(writer: SummaryWriter, bar, stats: RunningStats, optimizer: torch.optim.Optimizer,
-              scaler, global_step: int) -> None:
-    """One TensorBoard point per LOG_EVERY steps (their means, at the last one's step) and the
-    progress bar's figures: the only places the step loop reads from the device."""
+              scaler, global_step: int, live: PhaseLive | None, progress: float) -> None:
+    """One TensorBoard and DVCLive point per LOG_EVERY steps (their means, at the last one's
+    step; `progress`: the phase's epochs done, a fraction) and the progress bar's figures: the
+    only places the step loop reads from the device."""
     loss, top1 = stats.window()
+    lr = optimizer.param_groups[0]["lr"]
     writer.add_scalar("train/loss", loss, global_step)
     writer.add_scalar("train/top1", top1, global_step)
-    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
+    writer.add_scalar("train/lr", lr, global_step)
     if scaler is not None:
         writer.add_scalar("train/grad_scale", scaler.get_scale(), global_step)  # reads too
-    _, correct, seen = stats.logged
+    loss_sum, correct, seen = stats.logged
+    if live is not None:
+        live.window(global_step, loss, top1, lr, progress, loss_sum / max(1, seen),
+                    correct / max(1, seen))
     bar.set_postfix(loss=f"{loss:.3f}", acc=f"{correct / max(1, seen):.3f}")
 
 
@@ -373,9 +529,10 @@ def train_step(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return loss, logits
 
 
-def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: Path,
+def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, live_dir: Path,
                 env: Dist, stop_after_epochs: int | None = None) -> dict:
-    """Train one phase; returns the final epoch's summary. Rank 0 writes all files."""
+    """Train one phase; returns the final epoch's summary. Rank 0 writes all files: the model
+    folder, TensorBoard under the run folder, DVCLive in `live_dir`."""
     phase = plan.phase
     torch.manual_seed(params.train.seed)
     init_model, _ = load_model(plan.init_dir)
@@ -389,31 +546,34 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: 
     autocast, scaler = precision_context(env.device, params.train.precision)
     if env.main:
         log.info("precision: %s", precision_name(env.device, params.train.precision))
+    precision = precision_name(env.device, params.train.precision).split()[0]  # fp32, bf16...
     fingerprint = run_fingerprint(params, plan, shard_dir, env.world)
     checkpoint = plan.run_dir / "checkpoint.pt"
-    start_epoch, rows = try_resume(checkpoint, fingerprint, model, optimizer, scheduler, scaler)
-    if start_epoch:
+    resumed = try_resume(checkpoint, fingerprint, model, optimizer, scheduler, scaler)
+    if resumed.epoch:
         log.info("resuming %s/%s from %s after epoch %d", plan.backbone, plan.name,
-                 checkpoint, start_epoch)
+                 checkpoint, resumed.epoch)
     net = model
     if env.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     stream = make_stream(params, plan, shard_dir)
     writer = SummaryWriter(str(plan.run_dir / "tensorboard")) if env.main else None
-    history = History(history_path, rows) if env.main else None
-    if history is not None:
-        history.write()  # DVC removed the old file before running the stage
+    # DVC removed the stage's outputs before running it: PhaseLive rebuilds them
+    live = (PhaseLive(live_dir, plan.backbone, plan.name, live_params(plan, env, precision),
+                      resumed) if env.main else None)
     criterion = torch.nn.CrossEntropyLoss()
-    summary: dict = dict(rows[-1]) if rows else {}
-    for epoch in range(start_epoch, phase.epochs):
+    summary: dict = dict(resumed.summary)
+    step_seconds: list[float] = []  # this run's steps, for the time estimate (rank 0)
+    warned = False
+    for epoch in range(resumed.epoch, phase.epochs):
         stream.set_epoch(epoch)
         loader = DataLoader(stream, batch_size=None, num_workers=params.train.workers,
                             pin_memory=env.device.type == "cuda",
                             persistent_workers=False)
         net.train()
         stats = RunningStats(env.device)
-        started = time.perf_counter()
+        started = last = time.perf_counter()
         desc = f"{plan.backbone}/{plan.name} epoch {epoch + 1}/{phase.epochs}"
         bar = progress_bar(loader, total=plan.steps_per_epoch, disable=not env.main,
                            unit="step", desc=desc)
@@ -427,36 +587,57 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: 
             stats.add(loss, logits, labels)  # no host read here: the GPU runs on ahead
             if writer is not None and (step + 1) % LOG_EVERY == 0:
                 log_steps(writer, bar, stats, optimizer, scaler,
-                          epoch * plan.steps_per_epoch + step)
+                          epoch * plan.steps_per_epoch + step, live,
+                          round(epoch + (step + 1) / plan.steps_per_epoch, 4))
+            if not env.main:
+                continue
+            probing = len(step_seconds) < ETA_SKIP + ETA_PROBE
+            if probing and env.device.type == "cuda":
+                torch.cuda.synchronize(env.device)  # a few waits, so the first steps time true
+            now = time.perf_counter()
+            step_seconds.append(now - last)
+            last = now
+            if probing and len(step_seconds) == ETA_SKIP + ETA_PROBE:
+                warned = report_estimate(plan, step_seconds, epoch * plan.steps_per_epoch
+                                         + step + 1, env.device, precision, warned)
         if writer is not None and stats.seen > stats.logged[2]:  # the epoch's last few steps
-            log_steps(writer, bar, stats, optimizer, scaler, epoch * plan.steps_per_epoch + step)
+            log_steps(writer, bar, stats, optimizer, scaler, epoch * plan.steps_per_epoch + step,
+                      live, round(epoch + (step + 1) / plan.steps_per_epoch, 4))
         loss_sum, correct, seen = stats.read()
         seconds = time.perf_counter() - started
+        if step_seconds:  # the wait for the device at the epoch's end belongs to its last step
+            step_seconds[-1] += time.perf_counter() - last
         images_per_s = seen * env.world / seconds
-        # Only deterministic values go to files (the TSV, config.json): a rerun with the same
-        # seed then reproduces every DVC output byte for byte. Speed goes to logs/TensorBoard.
+        # Only deterministic values go to files (DVCLive's, config.json): a rerun with the
+        # same seed then reproduces every DVC output byte for byte. Times go to the log and
+        # TensorBoard.
         summary = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen),
                    "top1": correct / max(1, seen),
                    "lr": optimizer.param_groups[0]["lr"]}  # the epoch's last LR
         if env.main:
-            assert writer is not None and history is not None
+            assert writer is not None and live is not None
             writer.add_scalar("epoch/loss", summary["loss"], epoch + 1)
             writer.add_scalar("epoch/top1", summary["top1"], epoch + 1)
             writer.add_scalar("epoch/images_per_s", images_per_s, epoch + 1)
-            history.add(summary)
+            live.epoch(summary)
             log.info("%s/%s epoch %d: loss %.4f, top-1 %.3f, %.1f images/s", plan.backbone,
                      plan.name, epoch + 1, summary["loss"], summary["top1"], images_per_s)
+            if step_seconds:
+                warned = report_estimate(plan, step_seconds, (epoch + 1) * plan.steps_per_epoch,
+                                         env.device, precision, warned)
             if epoch + 1 in plan.snapshots:  # a later phase starts from this epoch's model
                 save_model(model, plan.run_dir / f"epoch-{epoch + 1}",
                            model_config(plan, model, env, summary))
-            last = epoch + 1 == phase.epochs
-            if (epoch + 1) % (phase.checkpoint_every or 1) == 0 or last:
+            final = epoch + 1 == phase.epochs
+            if (epoch + 1) % (phase.checkpoint_every or 1) == 0 or final:
                 save_checkpoint(checkpoint, model, optimizer, scheduler, scaler, epoch + 1,
-                                fingerprint, history.rows)
+                                fingerprint, summary, live.files())
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
             raise KeyboardInterrupt(f"stopped after epoch {epoch + 1} (simulated)")
     if writer is not None:
         writer.close()
+    if live is not None:
+        live.end()
     if env.main:
         save_model(model, plan.out_dir, model_config(plan, model, env, summary))
         for epoch in plan.snapshots:  # kept in runs/ across restarts, copied into the output
@@ -466,6 +647,19 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, history_path: 
                  f" (with the models of epochs {list(plan.snapshots)})" if plan.snapshots
                  else "")
     return summary
+
+
+def report_estimate(plan: PhasePlan, step_seconds: list[float], steps_done: int,
+                    device: torch.device, precision: str, warned: bool) -> bool:
+    """Log the phase's estimated duration and end; on a CPU, warn once when it takes hours.
+    Returns whether the warning has been given."""
+    estimate = estimate_phase(step_seconds, steps_done, plan.steps_per_epoch,
+                              plan.phase.epochs)
+    log_estimate(plan, estimate)
+    warning = None if warned else cpu_warning(plan, estimate, device, precision)
+    if warning:
+        log.warning("%s", warning)
+    return warned or warning is not None
 
 
 def model_config(plan: PhasePlan, model: torch.nn.Module, env: Dist, summary: dict) -> dict:
@@ -494,9 +688,9 @@ def main(params: Params, backbone: str, phase_name: str, shard_dir: Path, models
                  plan.phase.list, plan.list_samples, plan.num_classes, plan.phase.sampler,
                  plan.size, plan.phase.epochs, plan.steps_per_epoch, plan.phase.batch,
                  env.world, env.device)
-    history = Path(metrics_dir) / backbone / f"{phase_name}.tsv"
     try:
-        return train_phase(params, plan, shard_dir, history, env)
+        return train_phase(params, plan, shard_dir, Path(metrics_dir) / backbone / phase_name,
+                           env)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -3,13 +3,16 @@
 For a few validation queries (the first N in id order, so the picture is comparable across
 experiments): the query, then its top-k index images of the final ranking, each framed green
 when it is a ground-truth image and red when it is not, with the query's AP@100 in the
-label strip. Images come from the query and evaluation-index shards.
+label strip. Images come from the query and evaluation-index shards. The picture is logged
+with DVCLive (`log_image`) into `<live dir>/plots/images/retrieval.png`, default
+metrics/visualize/, which dvc.yaml declares as a plot: `dvc plots show` shows it.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -22,6 +25,7 @@ TILE = 112
 BORDER = 5
 STRIP = 16
 GREEN, RED, BLUE, GREY = (30, 170, 60), (210, 40, 40), (40, 90, 210), (150, 150, 150)
+PICTURE = "retrieval.png"
 
 
 def read_images(shard_dir: Path, groups: list[str], wanted: set[str]) -> dict[str, bytes]:
@@ -67,8 +71,12 @@ def render(rows: list[tuple[str, list[str], frozenset[str] | None, float | None]
     return grid
 
 
-def main(retrieval_dir: Path, shard_dir: Path, solution_csv: Path, out: Path,
+def main(retrieval_dir: Path, shard_dir: Path, solution_csv: Path, live_dir: Path,
          queries: int = 8, top: int = 8) -> Path:
+    """Draw the picture and log it with DVCLive into `live_dir` (emptied first); returns the
+    picture's path."""
+    from dvclive import Live  # imports DVC: only where the stage runs
+
     listing = json.loads((Path(retrieval_dir) / "variants.json").read_text())
     table = pq.read_table(Path(retrieval_dir) / "topk" / f"{listing['final']}.parquet",
                           columns=["id", "images"]).to_pydict()
@@ -79,7 +87,9 @@ def main(retrieval_dir: Path, shard_dir: Path, solution_csv: Path, out: Path,
              metric.average_precision(ranking[q], solution[q].truth)) for q in chosen]
     wanted = set(chosen) | {i for q in chosen for i in ranking[q][:top]}
     images = read_images(Path(shard_dir), ["query", "eval_index"], wanted)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    render(rows, images, top).save(out)
-    return out
+    live_dir = Path(live_dir)
+    shutil.rmtree(live_dir, ignore_errors=True)  # nothing of an earlier run stays
+    live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
+    live.log_image(PICTURE, render(rows, images, top))
+    # no live.end(): it would add an empty metrics.json; log_image has written the file
+    return live_dir / "plots" / "images" / PICTURE
