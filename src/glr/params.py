@@ -87,6 +87,14 @@ class SynthParams:
     image_width: int = _spec(160, min=32, max=4096)
     image_height: int = _spec(120, min=32, max=4096)
     jpeg_quality: int = _spec(90, min=1, max=100)
+    # How far a photo departs from its landmark's scene: what makes the retrieval task hard.
+    photo_scale: list[float] = _spec([0.7, 0.95], min=0.1, max=1.0,
+                                     help="[min, max] share of the scene a photo frames")
+    photo_tilt: float = _spec(0.06, min=0.0, max=0.25,
+                              help="perspective: corner jitter as a share of the framed crop")
+    photo_blur: float = _spec(0.2, min=0.0, max=1.0, help="share of blurred photos")
+    photo_occlusion: float = _spec(0.25, min=0.0, max=1.0,
+                                   help="share of photos with an occluding blob in front")
 
     def validate(self, prefix: str) -> None:
         for f in dataclasses.fields(self):

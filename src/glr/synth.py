@@ -427,18 +427,28 @@ def perspective_coefficients(dst: np.ndarray, src: np.ndarray) -> list[float]:
     return list(np.linalg.solve(np.array(rows, float), np.asarray(src, float).reshape(8)))
 
 
-def photograph(scene: Image.Image, rng: np.random.Generator, width: int, height: int
-               ) -> Image.Image:
+@dataclass(frozen=True)
+class Camera:
+    """How far photos depart from their scene (synth.photo_* params)."""
+
+    scale: tuple[float, float] = (0.7, 0.95)  # share of the scene framed
+    tilt: float = 0.06  # perspective corner jitter, share of the crop
+    blur: float = 0.2  # share of blurred photos
+    occlusion: float = 0.25  # share of photos with an occluding blob
+
+
+def photograph(scene: Image.Image, rng: np.random.Generator, width: int, height: int,
+               camera: Camera = Camera()) -> Image.Image:
     """A photo of a rendered scene: viewpoint, scale, crop, light, colour, blur/noise, occlusion."""
     sw, sh = scene.size
-    scale = rng.uniform(0.5, 0.95)
+    scale = rng.uniform(*camera.scale)
     aspect = width / height
     crop_w = min(sw * scale, sh * scale * aspect)
     crop_h = crop_w / aspect
     cx = rng.uniform(crop_w / 2, sw - crop_w / 2)
     cy = rng.uniform(crop_h / 2, sh - crop_h / 2)
     corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], float) * [crop_w / 2, crop_h / 2]
-    jitter = rng.uniform(-0.12, 0.12, size=(4, 2)) * [crop_w, crop_h]
+    jitter = rng.uniform(-camera.tilt, camera.tilt, size=(4, 2)) * [crop_w, crop_h]
     src = np.clip(corners + jitter + [cx, cy], 0, [sw - 1, sh - 1])  # stay inside the scene
     dst = np.array([[0, 0], [width, 0], [width, height], [0, height]], float)
     photo = scene.transform((width, height), Image.Transform.PERSPECTIVE,
@@ -450,16 +460,15 @@ def photograph(scene: Image.Image, rng: np.random.Generator, width: int, height:
     if rng.random() < 0.3:
         pixels += rng.normal(0, rng.uniform(3, 12), size=pixels.shape)
     photo = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    if rng.random() < 0.4:
+    if rng.random() < camera.blur:
         photo = photo.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5) * width / 160))
-    if rng.random() < 0.5:
+    if rng.random() < camera.occlusion:  # a passer-by, a car, a tree in front
         draw = ImageDraw.Draw(photo)
-        for _ in range(int(rng.integers(1, 3))):
-            w, h = rng.uniform(0.15, 0.4) * width, rng.uniform(0.2, 0.5) * height
-            x, y = rng.uniform(0, width - w), rng.uniform(height * 0.3, height - h * 0.5)
-            shade = tuple(int(c) for c in rng.integers(20, 120, size=3))
-            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x, y, x + w, y + h],
-                                                                     fill=shade)
+        w, h = rng.uniform(0.1, 0.25) * width, rng.uniform(0.15, 0.3) * height
+        x, y = rng.uniform(0, width - w), rng.uniform(height * 0.3, height - h * 0.5)
+        shade = tuple(int(c) for c in rng.integers(20, 120, size=3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x, y, x + w, y + h],
+                                                                 fill=shade)
     return photo
 
 
@@ -495,7 +504,7 @@ def _render_group(args: tuple) -> list[str]:
     """Render and write the images of one scene (or of junk); run in worker processes.
 
     Returns an `md5  path` line per image written."""
-    root, seed, scene, style, specs, width, height, quality = args
+    root, seed, scene, style, specs, width, height, quality, camera = args
     scene_image = None
     lines = []
     if scene >= 0:
@@ -504,7 +513,7 @@ def _render_group(args: tuple) -> list[str]:
         w, h = (width, height) if spec.landscape else (height, width)
         if scene >= 0:
             rng = _rng(seed, _PHOTO, spec.seed_index)
-            image = photograph(scene_image, rng, w, h)
+            image = photograph(scene_image, rng, w, h, camera)
         else:
             image = junk(_rng(seed, _JUNK, spec.seed_index), w, h)
         relpath = image_relpath(spec.split, spec.id)
@@ -569,12 +578,14 @@ def generate(params: SynthParams, out: Path, workers: int | None = None,
     write_metadata(plan, layout)
     scene_of_country = {lm.index: lm.country for lm in plan.landmarks}
     style_of = {c.code: make_style(params.seed, c.style_index) for c in plan.countries}
+    camera = Camera(scale=tuple(params.photo_scale), tilt=params.photo_tilt,
+                    blur=params.photo_blur, occlusion=params.photo_occlusion)
     groups: dict[int, list[ImageSpec]] = {}
     for spec in plan.images:
         groups.setdefault(spec.scene, []).append(spec)
     tasks = [(str(tmp), params.seed, scene,
               style_of[scene_of_country[scene]] if scene >= 0 else None, specs,
-              params.image_width, params.image_height, params.jpeg_quality)
+              params.image_width, params.image_height, params.jpeg_quality, camera)
              for scene, specs in sorted(groups.items())]
     workers = workers or min(os.cpu_count() or 1, 8)
     bar = progress_bar(total=len(plan.images), desc="synth images", unit="img",
