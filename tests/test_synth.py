@@ -107,3 +107,45 @@ def test_country_style_is_shared_within_a_country():
     style_a, style_b = synth.make_style(1, 0), synth.make_style(1, 1)
     assert (synth.make_style(1, 0).palette == style_a.palette).all()
     assert not (style_a.palette == style_b.palette).all()
+
+
+def test_shape_mix_sets_how_alike_a_countrys_landmarks_are():
+    # Dirichlet weights over the 6 shapes: a tiny concentration puts almost all weight on one
+    # shape (a country of look-alikes), a large one spreads it evenly (1/6 + noise); the
+    # margins are wide, so libm's last bits in the gamma draws cannot flip them.
+    peaked = [synth.make_style(3, i, shape_mix=0.05).shape_weights.max() for i in range(8)]
+    mixed = [synth.make_style(3, i, shape_mix=100.0).shape_weights.max() for i in range(8)]
+    assert sum(peaked) / len(peaked) > 0.6 and max(mixed) < 0.25
+    assert all(abs(sum(synth.make_style(3, i).shape_weights) - 1) < 1e-9 for i in range(8))
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("photo_scale", [0.9, 0.5], r"synth\.photo_scale: expected \[min, max\] with min <= max"),
+    ("photo_tilt", 0.5, r"synth\.photo_tilt"),
+    ("photo_occlusion", 1.5, r"synth\.photo_occlusion"),
+    ("shape_mix", 0.0, r"synth\.shape_mix"),
+])
+def test_photo_and_style_params_are_checked(key, value, message):
+    from glr.params import ParamsError, parse_params
+
+    with pytest.raises(ParamsError, match=message):
+        parse_params({"synth": {key: value}})
+
+
+def test_camera_params_reach_the_photos(tmp_path, small_synth):
+    # Without blur, occluders, tilt and with the whole scene framed, two photos of one scene
+    # differ only in light and colour; the defaults move the view, so they differ more.
+    scene = synth.render_scene(5, 0, synth.make_style(5, 0), 160, 120)
+    still = synth.Camera(scale=(0.95, 0.95), tilt=0.0, blur=0.0, occlusion=0.0)
+    import numpy as np
+
+    def photo(camera, index):
+        return np.asarray(synth.photograph(scene, synth._rng(5, 99, index), 96, 72, camera),
+                          dtype=float)
+
+    assert photo(still, 1).shape == (72, 96, 3)
+    grey = [photo(still, i).mean(axis=2) for i in range(2)]
+    moved = [photo(synth.Camera(scale=(0.5, 0.95), tilt=0.2), i).mean(axis=2) for i in range(2)]
+    still_gap = np.corrcoef(grey[0].ravel(), grey[1].ravel())[0, 1]
+    moved_gap = np.corrcoef(moved[0].ravel(), moved[1].ravel())[0, 1]
+    assert still_gap > moved_gap

@@ -95,6 +95,9 @@ class SynthParams:
     photo_blur: float = _spec(0.2, min=0.0, max=1.0, help="share of blurred photos")
     photo_occlusion: float = _spec(0.25, min=0.0, max=1.0,
                                    help="share of photos with an occluding blob in front")
+    shape_mix: float = _spec(0.6, min=0.05, max=100.0,
+                             help="Dirichlet concentration of a country's shape preferences: "
+                                  "small values make a country's landmarks look alike")
 
     def validate(self, prefix: str) -> None:
         for f in dataclasses.fields(self):

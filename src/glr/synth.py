@@ -306,13 +306,15 @@ class Style:
     pattern: str
 
 
-def make_style(seed: int, style_index: int) -> Style:
+def make_style(seed: int, style_index: int, shape_mix: float = 0.6) -> Style:
+    """A country's style; `shape_mix` is the Dirichlet concentration of its shape preferences
+    (small: a country's landmarks are built of one or two shapes and look alike)."""
     rng = _rng(seed, _STYLE, style_index)
     hue = rng.random()
     palette = np.stack([_hsv(hue + rng.normal(0, 0.08), rng.uniform(0.35, 0.9),
                              rng.uniform(0.35, 0.95)) for _ in range(5)])
     sky_hue = rng.uniform(0.5, 0.7) if rng.random() < 0.7 else rng.uniform(0.0, 0.15)
-    weights = rng.dirichlet(np.full(len(SHAPES), 0.6))
+    weights = rng.dirichlet(np.full(len(SHAPES), shape_mix))
     return Style(palette=palette,
                  sky_top=_hsv(sky_hue, rng.uniform(0.3, 0.8), rng.uniform(0.5, 0.9)),
                  sky_bottom=_hsv(sky_hue + 0.05, rng.uniform(0.1, 0.4), rng.uniform(0.8, 1.0)),
@@ -577,7 +579,8 @@ def generate(params: SynthParams, out: Path, workers: int | None = None,
     layout = Layout(tmp)
     write_metadata(plan, layout)
     scene_of_country = {lm.index: lm.country for lm in plan.landmarks}
-    style_of = {c.code: make_style(params.seed, c.style_index) for c in plan.countries}
+    style_of = {c.code: make_style(params.seed, c.style_index, params.shape_mix)
+                for c in plan.countries}
     camera = Camera(scale=tuple(params.photo_scale), tilt=params.photo_tilt,
                     blur=params.photo_blur, occlusion=params.photo_occlusion)
     groups: dict[int, list[ImageSpec]] = {}
