@@ -101,7 +101,7 @@ def two_phase_train(*backbones: str, p1: dict | None = None, **entry_changes) ->
     ({"train": two_phase_train("resnet18", p1={"size": 640})},
      r"train\.phases\.p1\.size: 640 is above shard\.max_side: .*raise shard\.max_side"),
     ({"model": {"size": 600}}, r"model\.size: 600 is above shard\.max_side: .* 512 px"),
-    ({"shard": {"max_side": 96}}, r"model\.size: 112 is above shard\.max_side: .* 96 px"),
+    ({"shard": {"max_side": 48}}, r"model\.size: 64 is above shard\.max_side: .* 48 px"),
     ({"train": {"phases": {"a/b": {}}, "recipe": {}}},
      r"train\.phases\.a/b: not a phase name"),
     ({"model": {"backbones": ["resnet18", "resnet34"]}},
@@ -175,9 +175,9 @@ def test_per_backbone_overrides_and_mid_phase_starts_resolve():
                                                                      ("p2", "p1", 4)]
     assert r18[0].snapshots == (4,) and r18[1].snapshots == ()  # p1 keeps its epoch-4 model
     assert r34[0].snapshots == ()
-    assert (r18[0].size, r34[0].size, r34[1].size) == (112, 96, 112)
+    assert (r18[0].size, r34[0].size, r34[1].size) == (64, 96, 64)
     assert (r34[0].settings.arcface_s, r34[0].settings.arcface_m) == (60.0, 0.0)
-    assert (r18[0].settings.arcface_s, r18[0].settings.arcface_m) == (30.0, 0.3)
+    assert (r18[0].settings.arcface_s, r18[0].settings.arcface_m) == (16.0, 0.0)
     assert (r18[1].settings.lr, r34[1].settings.lr) == (0.008, 0.01)
     assert r18[1].init.folder == "p1/epoch-4"
 

@@ -76,7 +76,7 @@ class SynthParams:
     extra_images: list[int] = _spec([4, 10], min=1)
     test_landmarks: int = _spec(40, min=1, help="landmarks with queries (all are train landmarks)")
     test_landmarks_from_clean: float = _spec(0.6, min=0.0, max=1.0)
-    queries_per_landmark: list[int] = _spec([1, 3], min=1)
+    queries_per_landmark: list[int] = _spec([2, 4], min=1)
     index_images: list[int] = _spec([3, 8], min=1, help="index images per index landmark")
     distractor_landmarks: int = _spec(120, min=0, help="index landmarks without queries")
     distractor_mapped_fraction: float = _spec(0.7, min=0.0, max=1.0,
@@ -150,12 +150,12 @@ class ModelParams:
     """The network (see glr.model): backbones, input size, head."""
 
     backbones: list[str] = _spec(["resnet18"], help="one model per backbone, ensembled")
-    size: int = _spec(112, min=32, max=2048,
+    size: int = _spec(64, min=32, max=2048,
                       help="square input size of training and extraction (a phase may override)")
     embedding_dim: int = _spec(512, min=8, max=8192)
     gem_p: float = _spec(3.0, min=1.0, max=16.0)
-    arcface_s: float = _spec(30.0, min=1.0, max=128.0)
-    arcface_m: float = _spec(0.3, min=0.0, max=1.5)
+    arcface_s: float = _spec(16.0, min=1.0, max=128.0)
+    arcface_m: float = _spec(0.0, min=0.0, max=1.5)
     pretrained: bool = _spec(False, help="ImageNet weights from timm's own source")
     weights_dir: str | None = _spec(
         None, help="folder with <backbone>.pth ImageNet weights (e.g. the IBN-Net releases); "
@@ -289,8 +289,8 @@ class ContinentParams:
 
 
 def _default_phases() -> dict[str, PhaseParams]:
-    return {"p1": PhaseParams(),
-            "p2": PhaseParams(list="all", epochs=4, lr=0.01, warmup_epochs=0.0,
+    return {"p1": PhaseParams(epochs=10),
+            "p2": PhaseParams(list="all", epochs=8, lr=0.1, warmup_epochs=1.0,
                               sampler="continent")}
 
 
