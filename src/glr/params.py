@@ -65,18 +65,18 @@ class SynthParams:
     """Size and content of the generated mini-GLDv2 (see glr.synth)."""
 
     seed: int = _spec(2021, min=0)
-    countries: int = _spec(10, min=2, max=150, help="countries besides XK and OTHER")
+    countries: int = _spec(20, min=2, max=150, help="countries besides XK and OTHER")
     clean_landmarks: int = _spec(60, min=2)
     clean_images: list[int] = _spec([8, 14], min=1, help="[min, max] clean images per landmark")
     noisy_extras: list[int] = _spec([1, 4], min=0,
                                     help="[min, max] noisy extras per clean landmark")
     junk_fraction: float = _spec(0.5, min=0.0, max=1.0,
                                  help="share of noisy extras that are junk, not other landmarks")
-    extra_landmarks: int = _spec(40, min=0, help="train landmarks absent from train_clean.csv")
+    extra_landmarks: int = _spec(60, min=0, help="train landmarks absent from train_clean.csv")
     extra_images: list[int] = _spec([4, 10], min=1)
-    test_landmarks: int = _spec(40, min=1, help="landmarks with queries (all are train landmarks)")
+    test_landmarks: int = _spec(80, min=1, help="landmarks with queries (all are train landmarks)")
     test_landmarks_from_clean: float = _spec(0.6, min=0.0, max=1.0)
-    queries_per_landmark: list[int] = _spec([2, 4], min=1)
+    queries_per_landmark: list[int] = _spec([3, 5], min=1)
     index_images: list[int] = _spec([3, 8], min=1, help="index images per index landmark")
     distractor_landmarks: int = _spec(120, min=0, help="index landmarks without queries")
     distractor_mapped_fraction: float = _spec(0.7, min=0.0, max=1.0,
