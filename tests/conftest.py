@@ -1,6 +1,18 @@
-"""Shared test helpers: tiny hand-built GLDv2 roots and small synth params."""
+"""Shared test helpers: tiny hand-built GLDv2 roots and small synth params.
+
+The suite answers the same on every machine: no test sees a GPU (`CUDA_VISIBLE_DEVICES` is
+emptied here, before torch looks, and every subprocess inherits it), and `glr.runtime` answers
+as a plain AVX2 CPU (`GLR_MACHINE=plain-cpu`) unless the environment names another machine:
+`GLR_MACHINE=bf16-cpu make test` runs the suite as an AMX / AVX-512 BF16 CPU would (`.ci/run`
+does both). Tests of a machine-dependent choice set it themselves.
+"""
 
 from __future__ import annotations
+
+import os
+
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ.setdefault("GLR_MACHINE", "plain-cpu")
 
 import csv
 import json

@@ -110,12 +110,25 @@ def test_query_names_a_missing_photo_or_model(tmp_path, caplog):
     from PIL import Image
 
     assert main(["query", str(tmp_path / "nowhere.jpg")]) == 2
-    assert "nowhere.jpg: no such photo" in caplog.text
+    assert f"{tmp_path / 'nowhere.jpg'}: no such file" in caplog.text
+    assert "no photo could be read (1 given, each named above with its problem)" in caplog.text
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     assert main(["query", str(broken)]) == 2
-    assert "broken.jpg: not a readable image" in caplog.text
+    assert (f"{broken}: not an image (no image format recognised in its 10 bytes)"
+            in caplog.text)
+    assert "BytesIO" not in caplog.text  # PIL's message names its buffer, not the file
     photo = tmp_path / "photo.jpg"
     Image.new("RGB", (64, 48), (120, 30, 200)).save(photo)
-    assert main(["query", str(photo), "--models", str(tmp_path / "models")]) == 2
+    # a readable photo beside the broken one goes on, to the model
+    assert main(["query", str(photo), str(broken), "--models", str(tmp_path / "models")]) == 2
     assert "no trained model; run `dvc repro` first" in caplog.text
+
+
+def test_query_refuses_a_missing_out_folder_before_reading_anything(tmp_path, caplog):
+    out = tmp_path / "missing" / "dir" / "x.png"
+    assert main(["query", str(tmp_path / "nowhere.jpg"), "--out", str(out)]) == 2
+    assert (f"--out {out}: the folder {out.parent} does not exist; create it first"
+            in caplog.text)
+    assert "nowhere.jpg" not in caplog.text  # refused before the photos are read
+    assert not (tmp_path / "missing").exists()

@@ -104,6 +104,117 @@ def test_standalone_scores_a_submission_with_the_same_short_names(tmp_path, caps
     assert json.loads(capsys.readouterr().out) == result
 
 
+HEX_SOLUTION = ("id,images,Usage\n"
+                "00000000000000a1,00000000000000b1 00000000000000b2,Public\n"
+                "00000000000000a2,00000000000000c1,Private\n"
+                "00000000000000a3,None,Ignored\n")
+
+
+def test_standalone_refuses_upper_cased_image_ids_naming_the_file_and_an_example(tmp_path,
+                                                                                  caplog):
+    """Upper-cased image ids would score 0 without a word, as upper-cased query ids would if
+    glr.metric did not refuse them: the same clear error, naming the file and an example."""
+    from glr.cli import main as cli
+
+    solution = tmp_path / "solution.csv"
+    solution.write_text(HEX_SOLUTION)
+    submission = tmp_path / "upper.csv"
+    submission.write_text("id,images\n00000000000000a1,00000000000000B1 00000000000000B2\n"
+                          "00000000000000a2,00000000000000C1\n")
+    with pytest.raises(metric.MetricError) as error:
+        evaluate.standalone(solution, submission, None)
+    assert str(error.value) == (
+        f"{submission}: image id '00000000000000B1' of query '00000000000000a1' has upper-case "
+        "letters (and 2 more); the solution's ids are lower-case hex, so it can never match "
+        "(write the ids as index.csv has them)")
+    # the command: the error in the log, exit status 2, no metrics file
+    out = tmp_path / "m.json"
+    assert cli(["evaluate", "--solution", str(solution), "--submission", str(submission),
+                "--out", str(out)]) == 2
+    assert "upper.csv: image id '00000000000000B1' of query '00000000000000a1' has upper-case"\
+        in caplog.text
+    assert not out.exists()
+    # the same ids in lower case score: q1 both hits (AP 1), q2 its one hit (AP 1)
+    submission.write_text(submission.read_text().lower())
+    assert evaluate.standalone(solution, submission, None)["map100"] == 1.0
+
+
+def test_upper_case_ids_pass_when_the_solution_itself_has_them(tmp_path, caplog):
+    """Not GLDv2's hex ids: a solution with upper-case ids makes the case meaningful."""
+    solution = tmp_path / "solution.csv"
+    solution.write_text("id,images,Usage\nq1,A,Public\nq2,b,Private\n")
+    submission = tmp_path / "submission.csv"
+    submission.write_text("id,images\nq1,A\nq2,B\n")
+    assert evaluate.standalone(solution, submission, None)["map100"] == 0.5
+    assert "WARNING" not in caplog.text
+
+
+@pytest.mark.parametrize(("rows", "expected"), [
+    ("", "no image ids at all (0 query rows): every query scores 0"),
+    ("00000000000000a1,\n00000000000000a2,\n",
+     "no image ids at all (2 query rows): every query scores 0"),
+    ("00000000000000a1,00000000000000ff 00000000000000ee\n00000000000000a2,00000000000000dd\n",
+     "none of its 3 image ids is a ground-truth image of any query in the solution: every "
+     "query scores 0. Are they ids of this index?"),
+])
+def test_standalone_warns_when_no_submitted_image_id_is_known(tmp_path, caplog, capsys, rows,
+                                                             expected):
+    """A header-only submission, empty cells, or ids that are no query's ground truth are
+    legal and score 0, with a warning naming the file."""
+    solution = tmp_path / "solution.csv"
+    solution.write_text(HEX_SOLUTION)
+    submission = tmp_path / "submission.csv"
+    submission.write_text("id,images\n" + rows)
+    with caplog.at_level("WARNING", logger="glr.evaluate"):
+        result = evaluate.standalone(solution, submission, None)
+    assert result["map100"] == 0.0 and result["queries"] == 2
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert [r.getMessage() for r in warnings] == [f"{submission}: {expected}"]
+
+
+@pytest.mark.parametrize(("images", "expected"), [
+    # q1: its hit at rank 2 of 2 ground-truth ids: AP (1/2)/2; q2 absent: 0
+    ("00000000000000ff 00000000000000b2", 0.125),
+    # q2's ground truth is a known index id too: a miss for q1, but no sign of a wrong index
+    ("00000000000000c1", 0.0),
+])
+def test_standalone_is_silent_when_one_image_id_is_known(tmp_path, caplog, images, expected):
+    solution = tmp_path / "solution.csv"
+    solution.write_text(HEX_SOLUTION)
+    submission = tmp_path / "submission.csv"
+    submission.write_text(f"id,images\n00000000000000a1,{images}\n")
+    with caplog.at_level("WARNING", logger="glr.evaluate"):
+        result = evaluate.standalone(solution, submission, None)
+    assert result["map100"] == pytest.approx(expected)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_stage_refuses_upper_cased_image_ids_and_warns_about_unknown_ones(tmp_path, caplog):
+    """The stage checks each of retrieve's rankings the same way, naming its parquet file."""
+    solution = tmp_path / "solution.csv"
+    solution.write_text(HEX_SOLUTION)
+    upper = write_retrieval(tmp_path / "upper", {
+        "resnet18-plain": {"00000000000000a1": ["00000000000000b1"]},
+        "resnet18-rerank": {"00000000000000a1": ["00000000000000B1"]},
+    }, final="resnet18-rerank")
+    with pytest.raises(metric.MetricError, match=r"resnet18-rerank\.parquet: image id "
+                       r"'00000000000000B1' of query '00000000000000a1' has upper-case"):
+        evaluate.main(parse_params({}), upper, solution, tmp_path / "live-upper")
+    unknown = write_retrieval(tmp_path / "unknown", {
+        "resnet18-plain": {"00000000000000a1": ["00000000000000ee", "00000000000000b1"]},
+        "resnet18-rerank": {"00000000000000a1": ["00000000000000ee"]},
+    }, final="resnet18-rerank")
+    with caplog.at_level("WARNING", logger="glr.evaluate"):
+        summary = evaluate.main(parse_params({}), unknown, solution, tmp_path / "live")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{unknown / 'topk/resnet18-rerank.parquet'}: none of its 1 image ids "
+                        "is a ground-truth image of any query in the solution: every query "
+                        "scores 0. Are they ids of this index?"]
+    # plain: q1's hit at rank 2 of its 2 ground-truth ids, AP 1/4; q2 absent: mean 1/8
+    assert summary["resnet18"]["plain"]["map100"] == pytest.approx(0.125)
+    assert summary["map100"] == 0.0
+
+
 def test_visualize_logs_the_picture_with_dvclive(small_pipeline, small_shards, tmp_path):
     params, _ = small_pipeline
     solution_csv = Path(params.data.root) / "test/retrieval_solution_v2.1.csv"

@@ -114,3 +114,31 @@ def test_two_processes_give_the_single_process_output(setup):
         ids_a = pq.read_table(single / f"{name}.parquet").to_pandas()
         ids_b = pq.read_table(double / "features" / f"{name}.parquet").to_pandas()
         assert ids_a.equals(ids_b)
+
+
+@pytest.mark.parametrize(("machine", "precision", "expected"), [
+    ("bf16-cpu", "fp32", "fp32"),  # `-S train.precision=fp32` on an AMX CPU: the float32 run
+    ("bf16-cpu", "auto", "bf16"),
+    ("plain-cpu", "auto", "fp32"),
+    ("plain-cpu", "bf16", "bf16"),  # forced: emulated here, slow but correct
+])
+def test_extraction_computes_and_logs_in_the_training_precision(setup, caplog, monkeypatch,
+                                                                machine, precision, expected):
+    params, _, shard_dir, root = setup
+    monkeypatch.setenv("GLR_MACHINE", machine)
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train,
+                                                                   precision=precision))
+    caplog.set_level("INFO", logger="glr.extract")
+    out = run(params, shard_dir, root, f"precision-{machine}-{precision}")
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("precision:")]
+    assert len(logged) == 1 and logged[0].split()[1] == expected, logged
+    info = yaml.safe_load((out / "info.json").read_text())
+    assert info["precision"] == expected
+    # the parts of each precision are kept apart: a resume never mixes them
+    model_dir = root / "models/resnet10t/p1"
+    folder = extract.fingerprint(model_dir, 32, [1.0], expected, "cpu")
+    assert (root / f"precision-{machine}-{precision}/runs/extract/resnet10t" / folder).is_dir()
+    assert folder != extract.fingerprint(model_dir, 32, [1.0],
+                                         "bf16" if expected == "fp32" else "fp32", "cpu")
+    query = np.load(out / "query.npy")
+    assert query.dtype == np.float16 and query.shape[1] == 16

@@ -278,3 +278,25 @@ def test_params_round_trip_through_asdict():
     params = parse_params({"train": two_phase_train("resnet18", lr=0.05, size=96)})
     assert params.train.recipe["resnet18-p1"].overrides == {"lr": 0.05, "size": 96}
     assert parse_params(dataclasses.asdict(params)) == params
+
+
+def test_check_writes_the_same_mark_for_any_valid_params_and_nothing_for_bad_ones(tmp_path):
+    """`glr check` (the pipeline's first stage): a valid file gives the mark, whose bytes do
+    not depend on the params (so the stages depending on it rerun for their own params only);
+    a bad one stops with the key and leaves an earlier mark as it was, even a read-only one
+    (DVC links outputs read-only into its cache: the mark is replaced, never written in place)."""
+    from glr.params import CHECK_MARK, check_params
+
+    mark = tmp_path / "data" / "params.checked"
+    check_params(REPO / "params.yaml", mark)
+    assert mark.read_text() == CHECK_MARK
+    mark.chmod(0o444)
+    check_params(REPO / "recipes" / "gldv2-authors.yaml", mark)
+    assert mark.read_text() == CHECK_MARK
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  size: 0\n")
+    stamp = mark.stat().st_mtime_ns
+    with pytest.raises(ParamsError, match=r"bad\.yaml: model\.size: 0 is out of range"):
+        check_params(bad, mark)
+    assert mark.stat().st_mtime_ns == stamp and mark.read_text() == CHECK_MARK
+    assert sorted(p.name for p in mark.parent.iterdir()) == ["params.checked"]

@@ -378,8 +378,12 @@ def test_query_tags_with_fewer_references_than_top() -> None:
     assert np.all(tags.labels[:, 2] == -1) and np.all(tags.label_weights[:, 2] == 0)
 
 
-def test_blocked_memmap_references_equal_in_memory(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_blocked_memmap_references_equal_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   precision: str) -> None:
+    """Both CPU backends, named (not what this machine would pick): faiss float32, whose
+    searches are recorded, and torch bfloat16 (emulated on a CPU without it: slow, exact)."""
+    backend = search.Backend("cpu", precision)
     queries, index, references, ref_labels, ref_countries = landmark_data(13)
     path = tmp_path / "references.npy"
     np.save(path, references.astype(np.float16))
@@ -407,10 +411,15 @@ def test_blocked_memmap_references_equal_in_memory(tmp_path: Path,
         return knn(queries, database, k, **kwargs)
 
     monkeypatch.setattr(faiss, "knn", recording_knn)
-    tags = rerank.query_tags(queries, mapped, ref_labels, ref_countries, block_rows=64)
-    labels, countries = rerank.index_tags(index, mapped, ref_labels, ref_countries, block_rows=64)
+    tags = rerank.query_tags(queries, mapped, ref_labels, ref_countries, block_rows=64,
+                             backend=backend)
+    labels, countries = rerank.index_tags(index, mapped, ref_labels, ref_countries, block_rows=64,
+                                          backend=backend)
 
-    assert searched_rows and max(searched_rows) <= 64
+    if backend.uses_faiss:
+        assert searched_rows and max(searched_rows) <= 64
+    else:
+        assert searched_rows == []
     for name in ("labels", "label_weights", "countries", "country_weights"):
         np.testing.assert_array_equal(getattr(tags, name), getattr(expected_tags, name))
     np.testing.assert_array_equal(labels, expected_index[0])

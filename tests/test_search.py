@@ -138,11 +138,18 @@ def test_cuda_without_gpu_raises() -> None:
         search.select_backend("cuda")
 
 
-def test_backend_selection() -> None:
+def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     assert search.select_backend("cpu", "float32").uses_faiss
     assert not search.select_backend("cpu", "bfloat16").uses_faiss
-    expected = "bfloat16" if search.cpu_has_fast_bf16() else "float32"
-    assert search.select_backend("cpu").precision == expected
+    # auto, as each kind of machine answers (glr.runtime's GLR_MACHINE), whatever this one is
+    monkeypatch.setenv("GLR_MACHINE", "plain-cpu")
+    assert search.select_backend() == search.Backend("cpu", "float32")
+    assert search.select_backend("cpu") == search.Backend("cpu", "float32")
+    monkeypatch.setenv("GLR_MACHINE", "bf16-cpu")
+    assert search.select_backend() == search.Backend("cpu", "bfloat16")
+    assert search.select_backend("auto", "float32").uses_faiss
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        search.select_backend("cuda")  # a CPU profile hides any GPU
     with pytest.raises(ValueError, match="float16 products on a CPU"):
         search.select_backend("cpu", "float16")
     with pytest.raises(ValueError, match="precision must be"):

@@ -553,19 +553,6 @@ def test_a_size_above_the_shards_max_side_is_a_clear_error(small_pipeline, shard
         train.plan_phase(params, "resnet10t", "p1", shard_dir, tmp_path, tmp_path, world=1)
 
 
-@pytest.mark.parametrize("native_bf16", [True, False])
-def test_auto_precision_uses_bf16_only_where_the_cpu_has_it(monkeypatch, native_bf16):
-    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: native_bf16)
-    autocast, scaler = runtime.precision_context(torch.device("cpu"), "auto")
-    assert scaler is None
-    with autocast:
-        product = torch.ones(2, 2) @ torch.ones(2, 2)
-    assert product.dtype == (torch.bfloat16 if native_bf16 else torch.float32)
-    autocast, _ = runtime.precision_context(torch.device("cpu"), "fp32")
-    with autocast:
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
-
-
 def test_running_stats_sum_as_the_host_loop_did_without_reading_the_device(monkeypatch):
     """The step loop's loss/accuracy sums stay on the device between reads and still give
     the very float64 sums of the former per-step `loss.item() * len(labels)` host loop."""

@@ -137,6 +137,13 @@ def cmd_query(args: argparse.Namespace) -> None:
                shard_dir=args.shards)
 
 
+def cmd_check(args: argparse.Namespace) -> None:
+    from glr.params import check_params
+
+    check_params(args.params, args.out)
+    log.info("%s: every key known, every value in range (wrote %s)", args.params, args.out)
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     import json
 
@@ -365,7 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "precision5, precision10, precision100, recall100, queries, contaminated; "
                     "per model and variant map100, map100_public, map100_private, e.g. "
                     "resnet18.rerank.map100) and plots/custom/precision_at_k/<model>.json "
-                    "(precision@k, plain and rerank, for `dvc plots`).")
+                    "(precision@k, plain and rerank, for `dvc plots`). Both refuse (exit "
+                    "status 2) a submission with upper-cased image ids, which can never match "
+                    "the solution's lower-case hex ids, and warn when no submitted image id is "
+                    "a ground-truth id of the solution (e.g. a header-only submission).")
     _add_params(ev)
     ev.add_argument("--solution", type=Path, default=None,
                     help="GLDv2 solution CSV (default: <data.root>/test/"
@@ -416,14 +426,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "the cached index features, apply the Landmark-Country rerank with the "
                     "index tags `glr retrieve` stored and the cached reference features, and "
                     "print per photo the TOP index images of the ensemble and the most likely "
-                    "GLDv2 landmark ids with scores. Reads: MODELS, FEATURES, RETRIEVAL/tags, "
-                    "LABELS (and SHARDS for --out). Run `dvc repro` first.")
+                    "GLDv2 landmark ids with scores. Every readable photo is answered; an "
+                    "unreadable one (missing, empty, not an image, corrupt) is named with its "
+                    "problem in an error line and keeps its place in the output: `not "
+                    "answered: PROBLEM` in the text, {\"photo\": PATH, \"error\": PROBLEM} in "
+                    "--json. Exit status 2 only when no photo could be read. A photo under 32 px "
+                    "on a side is answered with a warning. The network computes in params "
+                    "train.precision. Reads: MODELS, FEATURES, RETRIEVAL/tags, LABELS (and "
+                    "SHARDS for --out). Run `dvc repro` first.")
     _add_params(que)
     que.add_argument("photos", type=Path, nargs="+", metavar="PHOTO", help="image files")
     que.add_argument("--top", type=int, default=10, help="index images per photo (default: 10)")
     que.add_argument("--json", action="store_true", help="print JSON instead of text")
     que.add_argument("--out", type=Path, default=None,
-                     help="also draw the photos and their results into this PNG")
+                     help="also draw the answered photos and their results into this PNG "
+                          "(its folder must exist)")
     que.add_argument("--models", type=Path, default=Path("models"),
                      help="trained models (default: %(default)s)")
     que.add_argument("--features", type=Path, default=Path("data/features"),
@@ -435,6 +452,17 @@ def build_parser() -> argparse.ArgumentParser:
     que.add_argument("--shards", type=Path, default=Path("data/shards"),
                      help="shard folder, for the pictures of --out (default: %(default)s)")
     que.set_defaults(func=cmd_query)
+
+    check = stages.add_parser(
+        "check", help="check the params file: the pipeline's first stage",
+        description="Validate the whole params file (unknown keys, types, ranges, the recipe's "
+                    "phases and backbones) and write OUT, whose bytes never change. Every other "
+                    "stage depends on OUT, so DVC runs this first: a bad `dvc exp run -S` value "
+                    "stops here, before DVC deletes any stage's outputs. Reads: params only.")
+    _add_params(check)
+    check.add_argument("--out", type=Path, default=Path("data/params.checked"),
+                       help="the mark the other stages depend on (default: %(default)s)")
+    check.set_defaults(func=cmd_check)
 
     plan = stages.add_parser(
         "plan", help="print the resolved training plan: every backbone's phases",

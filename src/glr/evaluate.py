@@ -17,6 +17,13 @@ It logs through DVCLive into one folder (default metrics/evaluate/):
 Names are glr.metric's without the `@` (map@100 -> map100), short enough for `dvc exp show`.
 `glr evaluate --solution S --submission SUB --out M.json` scores any Kaggle-format
 submission on its own, with the same names.
+
+Both check the submitted image ids against what the solution knows of the index, its
+ground-truth ids, before scoring (`check_image_ids`): an upper-cased id, which can never match
+the lower-case hex ids of GLDv2, is an error naming the file and an example (as an upper-cased
+query id is: glr.metric does not know it); a submission none of whose image ids is a
+ground-truth id of any query (also one with no image ids at all, e.g. only the header) is legal
+and scored, mAP@100 0, but warned about, naming the file.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from glr import metric
+from glr.metric import MetricError
 from glr.params import Params
 
 log = logging.getLogger(__name__)
@@ -40,6 +48,39 @@ CURVE_KS = (1, 2, 3, 5, 10, 20, 30, 50, 75, 100)
 def read_ranking(path: Path) -> dict[str, list[str]]:
     table = pq.read_table(path, columns=["id", "images"]).to_pydict()
     return dict(zip(table["id"], table["images"], strict=True))
+
+
+def check_image_ids(solution: dict[str, metric.Query], submission: dict[str, list[str]],
+                    source: str | Path) -> None:
+    """Refuse upper-cased image ids; warn when no submitted image id is a ground-truth id.
+
+    With only the solution at hand, the known index ids are its queries' ground-truth ids (a
+    subset of the index). An id that differs from its lower-case form can never match them
+    when the solution's ids are lower case, as GLDv2's hex ids are: scoring it would quietly
+    give 0, so it is a `MetricError` naming `source` and an example. A submission none of whose
+    ids is a ground-truth id scores 0 too, yet may be legal (a header-only file, or a system
+    that misses everything): a warning naming `source`.
+    """
+    truth = set().union(*(query.truth for query in solution.values()))
+    lower_case = all(i == i.lower() for i in (*solution, *truth))
+    submitted = [(query_id, image_id) for query_id, images in submission.items()
+                 for image_id in images]
+    if lower_case:
+        upper = [(q, i) for q, i in submitted if i != i.lower()]
+        if upper:
+            query_id, image_id = upper[0]
+            more = f" (and {len(upper) - 1} more)" if len(upper) > 1 else ""
+            raise MetricError(
+                f"{source}: image id {image_id!r} of query {query_id!r} has upper-case letters"
+                f"{more}; the solution's ids are lower-case hex, so it can never match (write "
+                "the ids as index.csv has them)")
+    if not submitted:
+        log.warning("%s: no image ids at all (%d query rows): every query scores 0",
+                    source, len(submission))
+    elif not any(image_id in truth for _, image_id in submitted):
+        log.warning("%s: none of its %d image ids is a ground-truth image of any query in the "
+                    "solution: every query scores 0. Are they ids of this index?", source,
+                    len(submitted))
 
 
 def precision_curve(solution: dict[str, metric.Query], submission: dict[str, list[str]],
@@ -118,7 +159,9 @@ def main(params: Params, retrieval_dir: Path, solution_csv: Path, live_dir: Path
     listing = json.loads((Path(retrieval_dir) / "variants.json").read_text())
     results, curves = {}, {}
     for name in listing["variants"]:
-        submission = read_ranking(Path(retrieval_dir) / "topk" / f"{name}.parquet")
+        ranking = Path(retrieval_dir) / "topk" / f"{name}.parquet"
+        submission = read_ranking(ranking)
+        check_image_ids(solution, submission, ranking)
         results[name] = metric.score(solution, submission)
         curves[name] = precision_curve(solution, submission)
         log.info("%-24s mAP@100 %.4f (public %.4f, private %.4f)", name,
@@ -150,7 +193,10 @@ def main(params: Params, retrieval_dir: Path, solution_csv: Path, live_dir: Path
 
 def standalone(solution_csv: Path, submission_csv: Path, out: Path | None) -> dict:
     """Score one Kaggle-format submission file; print and optionally write the metrics."""
-    result = short_names(metric.evaluate_files(solution_csv, submission_csv))
+    solution = metric.read_solution_csv(solution_csv)
+    submission = metric.read_submission_csv(submission_csv)
+    check_image_ids(solution, submission, submission_csv)
+    result = short_names(metric.score(solution, submission))
     text = json.dumps(result, indent=2) + "\n"
     if out is not None:
         _write(Path(out), text)

@@ -8,9 +8,10 @@ Writes `data/features/<backbone>/`:
     ref.parquet                        id, label, country, continent
     info.json                          model folder, size, scales, counts
 
-Batched, mixed precision (fp16 on CUDA, bf16 on a CPU with native bfloat16, else fp32),
-channels_last, DataLoader workers; optional multi-scale (e.g. 0.707, 1, 1.414: side rounded
-down to a multiple of 16, features averaged then re-normalized). Under torchrun each rank
+Batched, in training's precision (`train.precision`: fp32, bf16, or auto: fp16 on CUDA, bf16
+on a CPU with native bfloat16, else fp32; logged as `precision: …`), channels_last, DataLoader
+workers; optional multi-scale (e.g. 0.707, 1, 1.414: side rounded down to a multiple of 16,
+features averaged then re-normalized). Under torchrun each rank
 extracts a disjoint set of shards. Every finished shard is saved at once under
 `runs/extract/<backbone>/<fingerprint>/`, so an interrupted run resumes where it stopped;
 rank 0 then assembles the parts in shard order, so the result does not depend on the number of
@@ -38,7 +39,14 @@ from glr.data import EvalTransform, ExtractStream, normalize
 from glr.model.folder import WEIGHTS, file_digest, load_model
 from glr.params import Params
 from glr.progress import progress_bar
-from glr.runtime import Dist, precision_context, relaunch_under_torchrun, setup_distributed
+from glr.runtime import (
+    Dist,
+    precision_context,
+    precision_name,
+    relaunch_under_torchrun,
+    resolve_precision,
+    setup_distributed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +80,19 @@ def embed(model: torch.nn.Module, images: torch.Tensor, sides: list[int], autoca
     return F.normalize(total, dim=1)
 
 
-def fingerprint(model_dir: Path, size: int, scales: list[float]) -> str:
+def fingerprint(model_dir: Path, size: int, scales: list[float], precision: str = "fp32",
+                device: str = "cpu") -> str:
+    """The parts' folder name: parts made with other weights, sizes, scales, precision (the
+    resolved one: fp32, bf16, fp16) or device kind are never mixed into one result."""
     blob = json.dumps({"weights": file_digest(model_dir / WEIGHTS), "size": size,
-                       "scales": scales, "format": FORMAT}, sort_keys=True)
+                       "scales": scales, "format": FORMAT, "precision": precision,
+                       "device": device}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def extract_parts(model: torch.nn.Module, urls: list[str], counts: list[int], parts: Path,
                   size: int, scales: list[float], batch: int, workers: int, env: Dist,
-                  desc: str) -> None:
+                  desc: str, precision: str = "fp32") -> None:
     """Features of every shard in `urls` not yet in `parts`; one .npy + .json per shard."""
     parts.mkdir(parents=True, exist_ok=True)
     mine = list(range(len(urls)))[env.rank::env.world]
@@ -99,7 +111,7 @@ def extract_parts(model: torch.nn.Module, urls: list[str], counts: list[int], pa
                            batch_size=batch)
     loader = DataLoader(stream, batch_size=None, num_workers=workers,
                         pin_memory=env.device.type == "cuda")
-    autocast, _ = precision_context(env.device, "auto")
+    autocast, _ = precision_context(env.device, precision)
     sides = scaled_sides(size, scales)
     pending: dict[int, list[tuple[int, np.ndarray, str]]] = {}
     bar = progress_bar(total=sum(counts[n] for n in todo), desc=desc, unit="img",
@@ -189,11 +201,14 @@ def _extract(params: Params, backbone: str, shard_dir: Path, models_dir: Path, o
     model, config = load_model(model_dir)
     model = model.to(env.device, memory_format=torch.channels_last).eval()
     size = params.model.size
-    key = fingerprint(model_dir, size, settings.scales)
+    precision = params.train.precision
+    resolved = resolve_precision(env.device, precision)
+    key = fingerprint(model_dir, size, settings.scales, resolved, env.device.type)
     work = runs_dir / "extract" / backbone / key
     if env.main:
         log.info("%s: extracting with %s at %d px (scales %s) on %d process(es); parts in %s",
                  backbone, model_dir, size, settings.scales, env.world, work)
+        log.info("precision: %s", precision_name(env.device, precision))
     groups = set_groups(shard_dir)
     shards.check_size(shard_dir, [g for name in SETS for g in groups[name]], size,
                       "model.size (the extraction size)")
@@ -207,7 +222,7 @@ def _extract(params: Params, backbone: str, shard_dir: Path, models_dir: Path, o
         content = hashlib.sha256(json.dumps([e["sha256"] for _, e in entries]).encode())
         parts[name] = work / f"{name}-{content.hexdigest()[:16]}"
         extract_parts(model, urls, counts, parts[name], size, settings.scales, settings.batch,
-                      settings.workers, env, desc=f"{backbone} {name}")
+                      settings.workers, env, desc=f"{backbone} {name}", precision=precision)
     if dist.is_initialized():
         dist.barrier()
     summary: dict = {}
@@ -222,7 +237,7 @@ def _extract(params: Params, backbone: str, shard_dir: Path, models_dir: Path, o
                                      out_dir / f"{name}.parquet", columns, dim)
         info = {"backbone": backbone, "model": str(model_dir), "phase": phase, "size": size,
                 "scales": settings.scales, "dim": dim, "counts": summary,
-                "processes": env.world}
+                "processes": env.world, "precision": resolved}
         (out_dir / "info.json").write_text(json.dumps(info, indent=2) + "\n")
         log.info("%s: %d query, %d index, %d reference features -> %s", backbone,
                  summary["query"], summary["index"], summary["ref"], out_dir)

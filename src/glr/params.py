@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -310,9 +311,11 @@ class TrainParams:
     workers: int = _spec(2, min=0, max=64, help="DataLoader workers per process")
     checkpoint_every: int = _spec(2, min=1, help="epochs between resumable checkpoints")
     shuffle_buffer: int = _spec(1000, min=1, help="samples in each shuffle buffer")
-    precision: Literal["auto", "fp32"] = _spec(
-        "auto", help="auto: fp16 + GradScaler on CUDA, bf16 autocast on a CPU with native "
-                     "bfloat16 (AMX, AVX-512 BF16), fp32 on other CPUs; fp32: no autocast")
+    precision: Literal["auto", "fp32", "bf16"] = _spec(
+        "fp32", help="of every stage that runs the network (train, extract, glr query). auto: "
+                     "fp16 + GradScaler on CUDA, bf16 autocast on a CPU with native bfloat16 "
+                     "(AMX, AVX-512 BF16), fp32 on other CPUs; fp32: no autocast anywhere; bf16: "
+                     "bf16 autocast on any device (emulated, slow, on other CPUs)")
     continent: ContinentParams = field(default_factory=ContinentParams)
     phases: dict[str, PhaseParams] = field(default_factory=_default_phases)
     recipe: dict[str, RecipeEntry] = field(default_factory=_default_recipe)
@@ -668,6 +671,27 @@ def _build(prefix: str, raw: Any, cls: type) -> Any:
 def parse_params(raw: Any) -> Params:
     """Validate a parsed YAML mapping into `Params` (raises ParamsError)."""
     return _build("", raw, Params)
+
+
+# What `glr check` writes: the same bytes whatever the params, so that the stages depending on
+# it rerun for their own params only, never because the check ran again.
+CHECK_MARK = "params passed `glr check`: every key known, every value in range\n"
+
+
+def check_params(path: str | Path, mark: str | Path) -> Params:
+    """The pipeline's first stage: validate the whole params file, then write `mark`.
+
+    Every other stage depends on `mark`, so DVC runs this before any of them: a value that
+    `dvc exp run -S` sets out of range stops here, before DVC deletes any stage's outputs
+    (DVC removes a stage's outputs just before it runs the stage's command)."""
+    params = load_params(path)
+    mark = Path(mark)
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    # a new file, renamed over the old: the old one may be a read-only link into DVC's cache
+    tmp = mark.with_name(f".{mark.name}.tmp{os.getpid()}")
+    tmp.write_text(CHECK_MARK)
+    tmp.replace(mark)
+    return params
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:

@@ -1,8 +1,15 @@
 """Where a stage runs: its torchrun rank and device, and the precision it computes in.
 
-`train` and `extract` share these: under torchrun each process joins the process group (nccl
-on GPU, gloo on CPU); with `processes > 1` and no torchrun around, a stage relaunches itself
-under torchrun.
+`train`, `extract` and `glr query` share these: under torchrun each process joins the process
+group (nccl on GPU, gloo on CPU); with `processes > 1` and no torchrun around, a stage
+relaunches itself under torchrun.
+
+Every choice that depends on the machine (CUDA or not, native bfloat16 or not) asks
+`cuda_available()` and `cpu_has_fast_bf16()` here. The environment variable `GLR_MACHINE`
+makes them answer as another machine would: `plain-cpu` (no GPU, no native bfloat16: an AVX2
+CPU), `bf16-cpu` (no GPU, AMX / AVX-512 BF16: bfloat16 is then emulated where the CPU lacks
+it, correct but slower), `detect` or unset (ask torch). The test suite pins `plain-cpu`; CI
+runs it a second time with `bf16-cpu`.
 """
 
 from __future__ import annotations
@@ -17,6 +24,38 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+
+MACHINE_VARIABLE = "GLR_MACHINE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """What the code asks of a machine: a CUDA GPU, native bfloat16 on the CPU."""
+
+    cuda: bool
+    fast_bf16: bool
+
+
+MACHINES = {"plain-cpu": Machine(cuda=False, fast_bf16=False),
+            "bf16-cpu": Machine(cuda=False, fast_bf16=True)}
+
+
+def forced_machine() -> Machine | None:
+    """The machine `GLR_MACHINE` names, or None to detect this one."""
+    value = os.environ.get(MACHINE_VARIABLE, "").strip()
+    if value in ("", "detect"):
+        return None
+    if value not in MACHINES:
+        raise ValueError(f"{MACHINE_VARIABLE}={value!r}: expected detect, "
+                         f"{', '.join(MACHINES)} (or unset)")
+    return MACHINES[value]
+
+
+def cuda_available() -> bool:
+    """Whether a stage may use a CUDA GPU: torch sees one and `GLR_MACHINE` does not hide it."""
+    forced = forced_machine()
+    return forced.cuda if forced is not None else torch.cuda.is_available()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +74,7 @@ def setup_distributed() -> Dist:
     """Join the torchrun process group when there is one (nccl on GPU, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
+    cuda = cuda_available()
     device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -54,33 +93,59 @@ def relaunch_under_torchrun(processes: int, argv: list[str]) -> None:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AMX or AVX-512 BF16). Elsewhere (AVX2,
-    plain AVX-512) oneDNN emulates it, and a bf16 step takes tens of times as long as fp32."""
+    """Whether this CPU computes bfloat16 natively (AMX or AVX-512 BF16), or `GLR_MACHINE` says
+    so. Elsewhere (AVX2, plain AVX-512) oneDNN emulates it, and a bf16 step takes tens of times
+    as long as fp32."""
+    forced = forced_machine()
+    if forced is not None:
+        return forced.fast_bf16
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """What `precision` (train.precision: auto | fp32 | bf16) computes in on `device`: fp32,
+    bf16 or fp16 (fp16 only from auto on CUDA)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
 def precision_context(device: torch.device, precision: str):
     """(autocast context, GradScaler or None) for the device.
 
     auto: fp16 + GradScaler on CUDA; bf16 autocast on a CPU with native bfloat16; fp32 on
-    other CPUs. fp32: no autocast anywhere.
+    other CPUs. fp32: no autocast anywhere. bf16: bf16 autocast on any device (no scaler:
+    bfloat16 has float32's exponent range).
     """
-    if precision == "fp32":
+    resolved = resolve_precision(device, precision)
+    if resolved == "fp32":
         return nullcontext(), None
-    if device.type == "cuda":
+    if resolved == "fp16":
         return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
-    if cpu_has_fast_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16), None
-    return nullcontext(), None
+    return torch.autocast(device.type, dtype=torch.bfloat16), None
 
 
 def precision_name(device: torch.device, precision: str) -> str:
-    """What `precision_context` picks, in words for the logs."""
+    """What `precision_context` picks, in words for the logs (the first word: fp32, bf16 or
+    fp16)."""
+    resolved = resolve_precision(device, precision)
     if precision == "fp32":
         return "fp32 (train.precision)"
-    if device.type == "cuda":
-        return "fp16 autocast + GradScaler"
-    if cpu_has_fast_bf16():
-        return "bf16 autocast (the CPU has native bfloat16)"
-    return "fp32 (the CPU has no native bfloat16, which would be emulated, many times slower)"
+    if precision == "bf16":
+        emulated = device.type == "cpu" and not cpu_has_fast_bf16()
+        return "bf16 autocast (train.precision" + (
+            "; this CPU emulates bfloat16: many times slower)" if emulated else ")")
+    if resolved == "fp16":
+        return "fp16 autocast + GradScaler (train.precision auto on CUDA)"
+    if resolved == "bf16":
+        return "bf16 autocast (train.precision auto: the CPU has native bfloat16)"
+    return ("fp32 (train.precision auto: the CPU has no native bfloat16, which would be "
+            "emulated, many times slower)")

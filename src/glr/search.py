@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from glr.runtime import cpu_has_fast_bf16
+from glr.runtime import cpu_has_fast_bf16, cuda_available
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ FLOAT16_ABS = 2.0**-25
 
 
 def gpu_available() -> bool:
-    """True when torch sees a CUDA GPU."""
-    return torch.cuda.is_available()
+    """True when torch sees a CUDA GPU (and `GLR_MACHINE` does not hide it)."""
+    return cuda_available()
 
 
 @dataclass(frozen=True)

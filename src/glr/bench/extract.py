@@ -82,7 +82,9 @@ def machine_info(device: torch.device | None = None) -> dict:
 
 def default_device() -> torch.device:
     """The device `glr extract` and `glr train` use in a single process."""
-    return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+    from glr.runtime import cuda_available
+
+    return torch.device("cuda:0") if cuda_available() else torch.device("cpu")
 
 
 def synchronize(device: torch.device) -> None:

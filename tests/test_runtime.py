@@ -1,0 +1,69 @@
+"""glr.runtime: the machine's answers (real or named by GLR_MACHINE) and the precision each
+`train.precision` value computes in, on every kind of machine, tested on this one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glr import runtime
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda:0")
+
+
+def test_glr_machine_names_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLR_MACHINE", "plain-cpu")
+    assert (runtime.cuda_available(), runtime.cpu_has_fast_bf16()) == (False, False)
+    monkeypatch.setenv("GLR_MACHINE", "bf16-cpu")
+    assert (runtime.cuda_available(), runtime.cpu_has_fast_bf16()) == (False, True)
+    assert runtime.setup_distributed().device == CPU
+    for detect in ("detect", ""):
+        monkeypatch.setenv("GLR_MACHINE", detect)
+        assert runtime.forced_machine() is None
+    monkeypatch.delenv("GLR_MACHINE")
+    assert runtime.forced_machine() is None
+    monkeypatch.setenv("GLR_MACHINE", "amx")
+    with pytest.raises(ValueError, match=r"GLR_MACHINE='amx': expected detect, plain-cpu, "
+                                         r"bf16-cpu"):
+        runtime.cpu_has_fast_bf16()
+
+
+@pytest.mark.parametrize(("machine", "device", "precision", "expected"), [
+    ("plain-cpu", CPU, "auto", "fp32"),
+    ("bf16-cpu", CPU, "auto", "bf16"),
+    ("plain-cpu", CPU, "fp32", "fp32"),
+    ("bf16-cpu", CPU, "fp32", "fp32"),
+    ("plain-cpu", CPU, "bf16", "bf16"),
+    ("bf16-cpu", CUDA, "auto", "fp16"),
+    ("plain-cpu", CUDA, "fp32", "fp32"),
+    ("plain-cpu", CUDA, "bf16", "bf16"),
+])
+def test_resolved_precision_and_its_name(monkeypatch, machine, device, precision, expected):
+    monkeypatch.setenv("GLR_MACHINE", machine)
+    assert runtime.resolve_precision(device, precision) == expected
+    # the logs' `precision: …` line starts with the resolved name (train's metrics use it)
+    assert runtime.precision_name(device, precision).split()[0] == expected
+
+
+def test_bf16_named_on_a_cpu_without_it_says_it_is_emulated(monkeypatch) -> None:
+    monkeypatch.setenv("GLR_MACHINE", "plain-cpu")
+    assert "emulates bfloat16" in runtime.precision_name(CPU, "bf16")
+    monkeypatch.setenv("GLR_MACHINE", "bf16-cpu")
+    assert "emulates" not in runtime.precision_name(CPU, "bf16")
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
+        runtime.resolve_precision(CPU, "fp16")
+
+
+@pytest.mark.parametrize(("machine", "precision", "dtype"), [
+    ("plain-cpu", "auto", torch.float32),
+    ("bf16-cpu", "auto", torch.bfloat16),
+    ("bf16-cpu", "fp32", torch.float32),
+    ("plain-cpu", "bf16", torch.bfloat16),
+])
+def test_cpu_autocast_computes_in_the_resolved_precision(monkeypatch, machine, precision, dtype):
+    monkeypatch.setenv("GLR_MACHINE", machine)
+    autocast, scaler = runtime.precision_context(CPU, precision)
+    assert scaler is None  # bfloat16 has float32's exponent range: no loss scaling on a CPU
+    with autocast:
+        product = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert product.dtype == dtype
