@@ -305,3 +305,96 @@ def test_artifacts_survive_a_dvc_remote(reproduced_repo, tmp_path):
         assert (clone / "metrics" / name).read_bytes() == (origin / "metrics" / name).read_bytes()
     assert (json.loads(_dvc("metrics", "show", "--json", cwd=clone))
             == json.loads(_dvc("metrics", "show", "--json", cwd=origin)))
+
+
+def _gto(*args: str, cwd: Path) -> str:
+    """GTO (a dvc dependency) as its console script does. GTO runs git itself, and a tag needs
+    an identity: the test's own, whatever git config the machine has."""
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    for role in ("AUTHOR", "COMMITTER"):
+        env[f"GIT_{role}_NAME"], env[f"GIT_{role}_EMAIL"] = "test", "test@example.org"
+    result = subprocess.run([sys.executable, "-c", "import sys; from gto.cli import app; "
+                             "sys.exit(app())", *args], cwd=cwd, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def test_a_gto_registered_artifact_is_got_by_name(reproduced_repo, tmp_path):
+    """The README's artifact flow after `dvc repro`: commit the run's dvc.lock and metrics,
+    `gto register resnet18`, `dvc artifacts get . resnet18 -o model`. The fixture's HEAD is the
+    pre-repro commit, whose dvc.lock names other model bytes than this run's, as on any machine
+    but the one that made the committed outputs: GTO tags a commit, and `dvc artifacts get`
+    reads the model's hash from that commit's dvc.lock, so the commit comes first."""
+    repo = reproduced_repo
+    _commit(repo, "dvc repro")  # a no-op commit where an earlier test committed the run
+    assert _git("status", "--porcelain", cwd=repo) == ""
+    assert _git("show", "HEAD:dvc.lock", cwd=repo) == (repo / "dvc.lock").read_text()
+
+    said = _gto("register", "resnet18", cwd=repo)
+    assert "Created git tag 'resnet18@v0.0.1'" in said, said
+    assert _git("tag", "--list", "resnet18@*", cwd=repo).split() == ["resnet18@v0.0.1"]
+    assert (_git("rev-parse", "resnet18@v0.0.1^{commit}", cwd=repo)
+            == _git("rev-parse", "HEAD", cwd=repo))
+    assert _git("cat-file", "-t", "resnet18@v0.0.1", cwd=repo).strip() == "tag"  # annotated
+
+    model = tmp_path / "model"
+    said = _dvc("artifacts", "get", ".", "resnet18", "-o", str(model), cwd=repo)
+    assert "Downloaded 2 file(s)" in said, said
+    got = sorted(path.name for path in model.rglob("*"))
+    assert got == sorted(path.name for path in (repo / "models/resnet18/p2").rglob("*"))
+    assert got == ["config.json", "model.safetensors"]
+    for name in got:
+        assert (model / name).read_bytes() == (repo / "models/resnet18/p2" / name).read_bytes()
+    from glr.model.folder import load_model
+    net, config = load_model(model)
+    assert config["model"]["backbone"] == "resnet18" and config["phase"] == "p2"
+    assert sum(parameter.numel() for parameter in net.parameters()) > 0
+    # A tag and a download outside the repository: the workspace stays clean for the others.
+    assert _git("status", "--porcelain", cwd=repo) == ""
+
+
+# One of each kind of value glr.params rejects, as `dvc exp run -S` sets it, and the start of
+# the one line that names it (`+` adds a key params.yaml lacks, in DVC's override grammar).
+BAD_VALUES = {
+    "out of range": ("model.size=0", "params.yaml: model.size: 0 is out of range"),
+    "wrong type": ("retrieve.k=many", "params.yaml: retrieve.k: expected an integer"),
+    "not a choice": ("train.precision=fp8", "params.yaml: train.precision: "),
+    "a contradiction between keys": ("extract.phase=p9", "params.yaml: extract.phase: "),
+    "an unknown key": ("+model.sise=64", "params.yaml: unknown key model.sise"),
+}
+
+
+def _run_dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+
+
+def test_a_rejected_params_value_deletes_no_output(reproduced_repo):
+    """`dvc exp run -S` with each kind of bad value, after the whole pipeline ran: the `check`
+    stage (first in the DAG, every stage depends on its mark) stops DVC before it deletes any
+    stage's outputs. Every output and every tracked metric file keeps its bytes; params.yaml
+    keeps the bad value until `git checkout HEAD -- params.yaml`, after which DVC finds the
+    pipeline up to date (nothing to redo)."""
+    repo = reproduced_repo
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    outs = sorted({out["path"] for stage in lock["stages"].values() for out in stage["outs"]})
+    assert {"models/resnet18/p1", "metrics/train/resnet18/p1/metrics.json", "data/retrieval",
+            "data/params.checked"} <= set(outs)
+    before = _sha256s(repo, ["data", "models", "metrics"])
+    params = (repo / "params.yaml").read_bytes()
+    for kind, (value, message) in BAD_VALUES.items():
+        result = _run_dvc("exp", "run", "-S", value, cwd=repo)
+        assert result.returncode != 0, (kind, result.stdout[-2000:])
+        assert "Running stage 'check'" in result.stdout, (kind, result.stdout[-2000:])
+        assert message in result.stdout + result.stderr, (kind, result.stdout, result.stderr)
+        assert not any(f"Running stage '{name}'" in result.stdout for name in lock["stages"]
+                       if name != "check"), (kind, result.stdout)
+        assert _sha256s(repo, ["data", "models", "metrics"]) == before, kind
+        assert (repo / "params.yaml").read_bytes() != params, kind  # the bad value stays
+        _git("checkout", "HEAD", "--", "params.yaml", cwd=repo)
+        assert (repo / "params.yaml").read_bytes() == params
+    assert _dvc("status", cwd=repo).strip().endswith("up to date.")
