@@ -1,8 +1,9 @@
 """Shared test helpers: tiny hand-built GLDv2 roots and small synth params.
 
-The suite answers the same on every machine: no test sees a GPU (`CUDA_VISIBLE_DEVICES` is
-emptied here, before torch looks, and every subprocess inherits it), and `glr.runtime` answers
-as a plain AVX2 CPU (`GLR_MACHINE=plain-cpu`) unless the environment names another machine:
+The suite answers the same on every machine. No test sees a GPU (`CUDA_VISIBLE_DEVICES` is
+emptied here, before torch looks, and every subprocess inherits it); torch runs AVX2 kernels,
+as the stages do with `train.cpu_kernels: avx2`; `glr.runtime` answers as a plain AVX2 CPU
+(`GLR_MACHINE=plain-cpu`) unless the environment names another machine:
 `GLR_MACHINE=bf16-cpu make test` runs the suite as an AMX / AVX-512 BF16 CPU would (`.ci/run`
 does both). Tests of a machine-dependent choice set it themselves.
 """
@@ -13,6 +14,10 @@ import os
 
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("GLR_MACHINE", "plain-cpu")
+# The kernels `train.cpu_kernels: avx2` (the default) pins in the stages' processes, pinned for
+# this one too before torch computes anything: in-process and subprocess runs compare equal.
+os.environ.update({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                   "MKL_ENABLE_INSTRUCTIONS": "AVX2"})
 
 import csv
 import json

@@ -54,12 +54,17 @@ def fresh_repo(tmp_path_factory) -> Path:
     return dest
 
 
-def _dvc(*args: str, cwd: Path) -> str:
+def _run_dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`dvc ARGS` with this venv's `glr` first on PATH (the stages call it)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["DVC_NO_ANALYTICS"] = "1"
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env,
-                            capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+
+
+def _dvc(*args: str, cwd: Path) -> str:
+    result = _run_dvc(*args, cwd=cwd)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -363,14 +368,6 @@ BAD_VALUES = {
     "a contradiction between keys": ("extract.phase=p9", "params.yaml: extract.phase: "),
     "an unknown key": ("+model.sise=64", "params.yaml: unknown key model.sise"),
 }
-
-
-def _run_dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True)
 
 
 def test_a_rejected_params_value_deletes_no_output(reproduced_repo):

@@ -67,3 +67,48 @@ def test_cpu_autocast_computes_in_the_resolved_precision(monkeypatch, machine, p
     with autocast:
         product = torch.ones(2, 2) @ torch.ones(2, 2)
     assert product.dtype == dtype
+
+
+PIN_PROBE = """
+import os, subprocess, sys, torch
+from glr.runtime import pin_cpu_kernels
+said = pin_cpu_kernels(sys.argv[1], int(sys.argv[2]))
+probe = "import os; print(os.environ.get('ONEDNN_MAX_CPU_ISA'))"
+child = subprocess.run([sys.executable, "-c", probe], capture_output=True,
+                       text=True).stdout.strip()
+print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), child, said, sep="|")
+"""
+
+
+@pytest.mark.parametrize(("kernels", "threads"), [("avx2", 2), ("avx2", 1), ("native", 0)])
+def test_pinned_cpu_kernels_and_threads_in_a_fresh_process(kernels, threads):
+    """`train.cpu_kernels` / `cpu_threads` as a stage applies them, first thing in a fresh
+    process (the libraries read their instruction set once): avx2 gives AVX2 kernels (or the
+    portable DEFAULT ones on a CPU without AVX2), and the setting reaches child processes."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")}
+    result = subprocess.run([sys.executable, "-c", PIN_PROBE, kernels, str(threads)], env=env,
+                            capture_output=True, text=True, check=True)
+    capability, used, child, said = result.stdout.strip().split("|")
+    if kernels == "avx2":
+        assert capability in ("AVX2", "DEFAULT") and child == "AVX2"
+        assert said.startswith(f"{capability} kernels (train.cpu_kernels avx2)")
+    else:
+        assert child == "None"  # native: the environment is left as it was
+    if threads:
+        assert int(used) == threads and said.endswith(f"{threads} thread(s)")
+    assert "already runs" not in result.stderr
+
+
+def test_native_bf16_does_not_count_where_onednn_is_capped_below_it(monkeypatch) -> None:
+    monkeypatch.delenv("GLR_MACHINE")  # detect: the cap decides before the CPU is asked
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert runtime.cpu_has_fast_bf16() is False
+    monkeypatch.setenv("GLR_MACHINE", "bf16-cpu")  # a named machine wins
+    assert runtime.cpu_has_fast_bf16() is True
+    with pytest.raises(ValueError, match="cpu_kernels must be one of native, avx2"):
+        runtime.pin_cpu_kernels("sse", 0)

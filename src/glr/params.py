@@ -316,6 +316,15 @@ class TrainParams:
                      "fp16 + GradScaler on CUDA, bf16 autocast on a CPU with native bfloat16 "
                      "(AMX, AVX-512 BF16), fp32 on other CPUs; fp32: no autocast anywhere; bf16: "
                      "bf16 autocast on any device (emulated, slow, on other CPUs)")
+    cpu_kernels: Literal["avx2", "native"] = _spec(
+        "avx2", help="instruction set of torch's CPU kernels (ATen, oneDNN, MKL) in every stage "
+                     "that runs the network; avx2: any x86-64 CPU computes as an AVX2-only one "
+                     "(the committed metrics, byte for byte with cpu_threads 2); native: the "
+                     "best the CPU has (AVX-512, AMX: faster, other roundings)")
+    cpu_threads: int = _spec(
+        2, min=0, max=1024, help="intra-op threads per process; 0: torch's choice (one per "
+                                 "core, split between torchrun's CPU ranks). A kernel splits "
+                                 "its sums by thread: another count rounds differently")
     continent: ContinentParams = field(default_factory=ContinentParams)
     phases: dict[str, PhaseParams] = field(default_factory=_default_phases)
     recipe: dict[str, RecipeEntry] = field(default_factory=_default_recipe)

@@ -99,8 +99,42 @@ def cpu_has_fast_bf16() -> bool:
     forced = forced_machine()
     if forced is not None:
         return forced.fast_bf16
+    # oneDNN capped below its bfloat16 code (train.cpu_kernels avx2) computes bf16 emulated
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if capped != "ALL" and not any(isa in capped for isa in ("BF16", "AMX", "AVX10")):
+        return False
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+# `train.cpu_kernels`: the instruction set of torch's CPU kernels, its own (ATen), oneDNN's
+# (convolutions) and MKL's (matrix products). `avx2` makes a CPU with AVX-512 or AMX run the
+# code an AVX2-only CPU runs, so that its float32 sums round the same way (with the same
+# thread count: a kernel splits its sums by thread). Read once per process by each library,
+# at its first use: set before any tensor work.
+CPU_KERNELS = {
+    "native": {},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
+
+
+def pin_cpu_kernels(kernels: str, threads: int) -> str:
+    """Pin the CPU kernels' instruction set (`train.cpu_kernels`) and the intra-op threads of
+    this process (`train.cpu_threads`, 0: leave torch's choice); returns what runs, in words
+    for the logs. The environment goes to every process started later (DataLoader workers,
+    torchrun's ranks)."""
+    if kernels not in CPU_KERNELS:
+        raise ValueError(f"cpu_kernels must be one of {', '.join(CPU_KERNELS)}, got {kernels!r}")
+    os.environ.update(CPU_KERNELS[kernels])
+    if threads > 0:
+        torch.set_num_threads(threads)
+    capability = torch.backends.cpu.get_cpu_capability()
+    if kernels != "native" and capability not in (kernels.upper(), "DEFAULT"):
+        log.warning("train.cpu_kernels %s asked for, but torch already runs %s kernels: this "
+                    "process computed before the setting was applied", kernels, capability)
+    return (f"{capability} kernels (train.cpu_kernels {kernels}), "
+            f"{torch.get_num_threads()} thread(s)")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
