@@ -71,8 +71,9 @@ def test_cpu_autocast_computes_in_the_resolved_precision(monkeypatch, machine, p
 
 PIN_PROBE = """
 import os, subprocess, sys, torch
-from glr.runtime import pin_cpu_kernels
-said = pin_cpu_kernels(sys.argv[1], int(sys.argv[2]))
+from glr.runtime import cpu_kernels_name, pin_cpu_kernels
+pin_cpu_kernels(sys.argv[1], int(sys.argv[2]))
+said = cpu_kernels_name(sys.argv[1])
 probe = "import os; print(os.environ.get('ONEDNN_MAX_CPU_ISA'))"
 child = subprocess.run([sys.executable, "-c", probe], capture_output=True,
                        text=True).stdout.strip()

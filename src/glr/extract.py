@@ -41,6 +41,7 @@ from glr.params import Params
 from glr.progress import progress_bar
 from glr.runtime import (
     Dist,
+    cpu_kernels_name,
     pin_cpu_kernels,
     precision_context,
     precision_name,
@@ -183,12 +184,12 @@ def last_phase(params: Params, backbone: str) -> str:
 def main(params: Params, backbone: str, shard_dir: Path, models_dir: Path, out_dir: Path,
          runs_dir: Path, phase: str | None = None, argv: list[str] | None = None) -> dict:
     settings = params.extract
-    cpu = pin_cpu_kernels(params.train.cpu_kernels, params.train.cpu_threads)
+    pin_cpu_kernels(params.train.cpu_kernels, params.train.cpu_threads)
     if settings.processes > 1 and "LOCAL_RANK" not in os.environ and argv is not None:
         relaunch_under_torchrun(settings.processes, argv)
     env = setup_distributed()
     if env.main:
-        log.info("cpu: %s", cpu)
+        log.info("cpu: %s", cpu_kernels_name(params.train.cpu_kernels))
     try:
         phase = phase or settings.phase or last_phase(params, backbone)
         return _extract(params, backbone, Path(shard_dir), Path(models_dir), Path(out_dir),

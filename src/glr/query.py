@@ -41,7 +41,12 @@ from glr.data import EvalTransform, normalize
 from glr.extract import embed, last_phase, scaled_sides
 from glr.model.folder import load_model
 from glr.params import Params, ParamsError
-from glr.runtime import pin_cpu_kernels, precision_context, precision_name
+from glr.runtime import (
+    cpu_kernels_name,
+    pin_cpu_kernels,
+    precision_context,
+    precision_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +222,8 @@ def main(params: Params, photos: list[Path], *, top: int, models_dir: Path, feat
     device = torch.device("cpu")
     # the extraction stage's kernels, threads and precision: a photo of an indexed image gets
     # the features the stage gave it
-    log.info("cpu: %s", pin_cpu_kernels(params.train.cpu_kernels, params.train.cpu_threads))
+    pin_cpu_kernels(params.train.cpu_kernels, params.train.cpu_threads)
+    log.info("cpu: %s", cpu_kernels_name(params.train.cpu_kernels))
     log.info("precision: %s", precision_name(device, params.train.precision))
     photo_features = {}
     for backbone in params.model.backbones:

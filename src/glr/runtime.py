@@ -119,11 +119,10 @@ CPU_KERNELS = {
 }
 
 
-def pin_cpu_kernels(kernels: str, threads: int) -> str:
+def pin_cpu_kernels(kernels: str, threads: int) -> None:
     """Pin the CPU kernels' instruction set (`train.cpu_kernels`) and the intra-op threads of
-    this process (`train.cpu_threads`, 0: leave torch's choice); returns what runs, in words
-    for the logs. The environment goes to every process started later (DataLoader workers,
-    torchrun's ranks)."""
+    this process (`train.cpu_threads`, 0: leave torch's choice). The environment goes to every
+    process started later (DataLoader workers, torchrun's ranks)."""
     if kernels not in CPU_KERNELS:
         raise ValueError(f"cpu_kernels must be one of {', '.join(CPU_KERNELS)}, got {kernels!r}")
     os.environ.update(CPU_KERNELS[kernels])
@@ -133,8 +132,12 @@ def pin_cpu_kernels(kernels: str, threads: int) -> str:
     if kernels != "native" and capability not in (kernels.upper(), "DEFAULT"):
         log.warning("train.cpu_kernels %s asked for, but torch already runs %s kernels: this "
                     "process computed before the setting was applied", kernels, capability)
-    return (f"{capability} kernels (train.cpu_kernels {kernels}), "
-            f"{torch.get_num_threads()} thread(s)")
+
+
+def cpu_kernels_name(kernels: str) -> str:
+    """The kernels and threads this process computes with, in words for the logs."""
+    return (f"{torch.backends.cpu.get_cpu_capability()} kernels (train.cpu_kernels "
+            f"{kernels}), {torch.get_num_threads()} thread(s)")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")

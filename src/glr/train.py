@@ -52,6 +52,7 @@ from glr.params import FIRST_INIT, ModelParams, Params, ParamsError, PhaseParams
 from glr.progress import progress_bar
 from glr.runtime import (
     Dist,
+    cpu_kernels_name,
     pin_cpu_kernels,
     precision_context,
     precision_name,
@@ -84,7 +85,8 @@ def init_main(params: Params, backbone: str, models_dir: Path) -> Path:
         raise ParamsError(f"--backbone {backbone}: not in params model.backbones "
                           f"({', '.join(params.model.backbones)})")
     # random initial weights come from vectorized kernels too
-    log.info("cpu: %s", pin_cpu_kernels(params.train.cpu_kernels, params.train.cpu_threads))
+    pin_cpu_kernels(params.train.cpu_kernels, params.train.cpu_threads)
+    log.info("cpu: %s", cpu_kernels_name(params.train.cpu_kernels))
     torch.manual_seed(params.train.seed)
     weights = None
     if params.model.weights_dir:
@@ -675,16 +677,15 @@ def model_config(plan: PhasePlan, model: torch.nn.Module, env: Dist, summary: di
 
 def main(params: Params, backbone: str, phase_name: str, shard_dir: Path, models_dir: Path,
          runs_dir: Path, metrics_dir: Path, argv: list[str] | None = None) -> dict | None:
-    cpu = pin_cpu_kernels(params.train.cpu_kernels, params.train.cpu_threads)
+    pin_cpu_kernels(params.train.cpu_kernels, params.train.cpu_threads)
     if (params.train.processes > 1 and "LOCAL_RANK" not in os.environ
             and argv is not None):
         relaunch_under_torchrun(params.train.processes, argv)
     env = setup_distributed()
     if env.device.type == "cpu" and env.world > 1 and params.train.cpu_threads == 0:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world))
-        cpu = cpu.rsplit(",", 1)[0] + f", {torch.get_num_threads()} thread(s)"
     if env.main:
-        log.info("cpu: %s", cpu)
+        log.info("cpu: %s", cpu_kernels_name(params.train.cpu_kernels))
     if backbone not in params.model.backbones:
         raise ParamsError(f"--backbone {backbone}: not in params model.backbones "
                           f"({', '.join(params.model.backbones)})")
