@@ -255,6 +255,22 @@ def test_normalize_equals_torchvision():
     torch.testing.assert_close(normalize(image), reference, rtol=0, atol=10 * U32 / STD[0])
 
 
+def test_normalize_constants_are_made_once_per_device_and_serve_training_after_inference():
+    """No tensor is built per batch (on a GPU a blocking host-to-device copy); constants first
+    asked for under inference_mode (extraction, glr query) still serve a training step."""
+    from glr.data import transforms
+
+    image = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    transforms._normalize_constants.cache_clear()
+    with torch.inference_mode():
+        first = normalize(image)
+    assert transforms._normalize_constants.cache_info().misses == 1
+    weight = torch.ones(3, 1, 1, requires_grad=True)
+    (normalize(image) * weight).sum().backward()  # a plain tensor, not an inference tensor
+    assert transforms._normalize_constants.cache_info().hits == 1
+    assert torch.equal(first, normalize(image)) and weight.grad is not None
+
+
 def test_train_transform_output():
     out = TrainTransform(size=48, pad=4)(jpeg(160, 120), random.Random(1))
     assert out.shape == (3, 48, 48) and out.dtype == torch.uint8

@@ -142,3 +142,23 @@ def test_extraction_computes_and_logs_in_the_training_precision(setup, caplog, m
                                          "bf16" if expected == "fp32" else "fp32", "cpu")
     query = np.load(out / "query.npy")
     assert query.dtype == np.float16 and query.shape[1] == 16
+
+
+def test_assembly_stops_when_parts_of_another_node_are_missing(tmp_path):
+    """Two "nodes" without a shared filesystem: each rank writes the parts of its shards
+    (shard n: rank n mod world) into its own node's runs folder, so rank 0 finds only its own.
+    It stops naming the missing parts and their ranks instead of a FileNotFoundError."""
+    node0, node1 = tmp_path / "node0" / "parts", tmp_path / "node1" / "parts"
+    for folder, rank in ((node0, 0), (node1, 1)):
+        folder.mkdir(parents=True)
+        for number in range(rank, 5, 2):  # 5 shards over 2 ranks
+            (folder / f"{number:06d}.npy").write_bytes(b"")
+            (folder / f"{number:06d}.parquet").write_bytes(b"")
+    with pytest.raises(extract.LaunchError, match=r"2 of 5 shard parts are missing \(e\.g\. "
+                                                  r"000001\.npy, written by rank 1; ranks 1\)"
+                                                  r": the runs folder must be on a filesystem"):
+        extract.check_parts(node0, 5, world=2)
+    for number in (1, 3):  # a shared filesystem: both nodes' parts in one folder
+        (node0 / f"{number:06d}.npy").write_bytes(b"")
+        (node0 / f"{number:06d}.parquet").write_bytes(b"")
+    extract.check_parts(node0, 5, world=2)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import datetime
+
 import pytest
 import torch
 
@@ -113,3 +115,54 @@ def test_native_bf16_does_not_count_where_onednn_is_capped_below_it(monkeypatch)
     assert runtime.cpu_has_fast_bf16() is True
     with pytest.raises(ValueError, match="cpu_kernels must be one of native, avx2"):
         runtime.pin_cpu_kernels("sse", 0)
+
+
+def test_fp32_on_cuda_turns_tf32_off_through_one_api() -> None:
+    """`train.precision: fp32` on CUDA is IEEE float32: cuDNN's convolutions and cuBLAS get no
+    TF32 (cuDNN's is on by default). Only torch's switches are touched: no GPU is needed."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch before 2.9: the legacy switches")
+    saved = matmul.fp32_precision, conv.fp32_precision
+    try:
+        assert conv.fp32_precision == "tf32"  # torch's default
+        autocast, scaler = runtime.precision_context(CUDA, "fp32")
+        assert scaler is None and not isinstance(autocast, torch.autocast)
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+
+@pytest.mark.parametrize(("local_rank", "visible", "expected"), [
+    (0, 1, 0), (3, 1, 0),  # one GPU exposed to each rank (SLURM --gpus-per-task=1)
+    (0, 8, 0), (7, 8, 7),
+])
+def test_cuda_index_of_a_local_rank(local_rank, visible, expected) -> None:
+    assert runtime.cuda_index(local_rank, visible) == expected
+
+
+def test_more_ranks_than_gpus_and_srun_without_torchrun_are_one_line_errors() -> None:
+    with pytest.raises(runtime.LaunchError, match=r"local rank 2 has no GPU of its own: 2 are "
+                                                  r"visible on this node; start at most 2"):
+        runtime.cuda_index(2, 2)
+    with pytest.raises(runtime.LaunchError, match="no CUDA GPU"):
+        runtime.cuda_index(0, 0)
+    with pytest.raises(runtime.LaunchError, match="4 SLURM tasks without torchrun"):
+        runtime.check_launcher({"SLURM_NTASKS": "4"})
+    runtime.check_launcher({"SLURM_NTASKS": "4", "WORLD_SIZE": "32"})  # torchrun inside srun
+    runtime.check_launcher({"SLURM_NTASKS": "1"})
+    runtime.check_launcher({})
+
+
+def test_the_process_group_waits_as_long_as_params_say(monkeypatch) -> None:
+    """train.timeout_minutes reaches init_process_group (torch's nccl default: 10 minutes)."""
+    calls = []
+    monkeypatch.setattr(runtime.dist, "is_initialized", lambda: bool(calls))
+    monkeypatch.setattr(runtime.dist, "init_process_group",
+                        lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(runtime.dist, "get_rank", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    env = runtime.setup_distributed(timeout_minutes=180)
+    assert calls == [{"backend": "gloo", "timeout": datetime.timedelta(minutes=180)}]
+    assert (env.rank, env.world, env.local_rank, env.device) == (1, 2, 1, CPU)

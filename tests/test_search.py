@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from glr import search
 from glr.search import topk_inner_product
@@ -240,3 +241,17 @@ def test_smallest_k_hand_case() -> None:
     values = np.array([[0.5, 0.1, 0.5, 0.1, 0.9]])
     np.testing.assert_array_equal(search.smallest_k(values, 3), [[1, 3, 0]])
     np.testing.assert_array_equal(search.smallest_k(values, 2, descending=True), [[4, 0]])
+
+
+def test_exact_cuda_matmul_pins_cublas_and_restores_it() -> None:
+    """While a GPU search runs: no TF32 (through `fp32_precision` where torch has it, never
+    mixed with the legacy switch), no reduced-precision reductions, no fp16 accumulation; the
+    switches as they were afterwards. Only torch's switches: no GPU is needed."""
+    matmul = torch.backends.cuda.matmul
+    names = [n for n in search._REDUCED_MATMUL if hasattr(matmul, n)]
+    tf32 = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = {n: getattr(matmul, n) for n in [tf32, *names]}
+    with search._exact_cuda_matmul():
+        assert getattr(matmul, tf32) == ("ieee" if tf32 == "fp32_precision" else False)
+        assert not any(getattr(matmul, n) for n in names)
+    assert {n: getattr(matmul, n) for n in [tf32, *names]} == before

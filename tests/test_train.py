@@ -581,3 +581,15 @@ def test_running_stats_sum_as_the_host_loop_did_without_reading_the_device(monke
     assert first_loss == pytest.approx(sum(s[0].item() for s in steps[:20]) / 20)
     assert later_loss == pytest.approx(sum(s[0].item() * len(s[2]) for s in steps[20:]) / 83)
     assert 0 <= first_top1 <= 1
+
+
+def test_ranks_that_found_different_checkpoints_stop_with_one_line(tmp_path):
+    """Rank 0 resumed after epoch 4, rank 1 (another node, no shared filesystem) found none:
+    every rank sees the gathered epochs and stops, instead of training different epochs."""
+    checkpoint = tmp_path / "runs/resnet18/p1/checkpoint.pt"
+    train.check_resumed_epochs([4, 4], checkpoint)
+    train.check_resumed_epochs([0, 0, 0], checkpoint)
+    with pytest.raises(train.LaunchError, match=r"checkpoint\.pt: the ranks found different "
+                                                r"checkpoints \(rank 0: 4, rank 1: none\); the "
+                                                r"runs folder must be on a filesystem"):
+        train.check_resumed_epochs([4, 0], checkpoint)

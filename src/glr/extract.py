@@ -41,6 +41,7 @@ from glr.params import Params
 from glr.progress import progress_bar
 from glr.runtime import (
     Dist,
+    LaunchError,
     cpu_kernels_name,
     pin_cpu_kernels,
     precision_context,
@@ -154,6 +155,21 @@ def _save_part(parts: Path, number: int, rows: list[tuple[int, np.ndarray, str]]
     tmp.replace(parts / f"{number:06d}.npy")  # last: a .npy marks a finished shard
 
 
+def check_parts(parts: Path, num_shards: int, world: int) -> None:
+    """Every shard's part is in `parts` before rank 0 assembles them: with several nodes, a
+    rank writes its parts into its own node's runs folder, so they meet only on a shared
+    filesystem."""
+    missing = [n for n in range(num_shards) if not (parts / f"{n:06d}.npy").is_file()
+               or not (parts / f"{n:06d}.parquet").is_file()]
+    if missing:
+        owners = sorted({n % world for n in missing})
+        raise LaunchError(
+            f"{parts}: {len(missing)} of {num_shards} shard parts are missing (e.g. "
+            f"{missing[0]:06d}.npy, written by rank {missing[0] % world}; ranks "
+            f"{', '.join(map(str, owners[:8]))}{' …' if len(owners) > 8 else ''}): the runs "
+            "folder must be on a filesystem every node shares (README, Distributed)")
+
+
 def assemble(parts: Path, num_shards: int, out_npy: Path, out_table: Path,
              columns: list[str], dim: int) -> int:
     """Concatenate the parts in shard order into one float16 .npy and one id table, part by
@@ -187,7 +203,7 @@ def main(params: Params, backbone: str, shard_dir: Path, models_dir: Path, out_d
     pin_cpu_kernels(params.train.cpu_kernels, params.train.cpu_threads)
     if settings.processes > 1 and "LOCAL_RANK" not in os.environ and argv is not None:
         relaunch_under_torchrun(settings.processes, argv)
-    env = setup_distributed()
+    env = setup_distributed(params.train.timeout_minutes)
     if env.main:
         log.info("cpu: %s", cpu_kernels_name(params.train.cpu_kernels))
     try:
@@ -238,6 +254,7 @@ def _extract(params: Params, backbone: str, shard_dir: Path, models_dir: Path, o
             num_shards = sum(len(shards.read_manifest(shard_dir, g)["shards"])
                              for g in groups[name])
             columns = ["id", "label", "country", "continent"] if name == "ref" else ["id"]
+            check_parts(parts[name], num_shards, env.world)
             summary[name] = assemble(parts[name], num_shards, out_dir / f"{name}.npy",
                                      out_dir / f"{name}.parquet", columns, dim)
         info = {"backbone": backbone, "model": str(model_dir), "phase": phase, "size": size,

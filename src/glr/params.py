@@ -321,6 +321,9 @@ class TrainParams:
                      "that runs the network; avx2: any x86-64 CPU computes as an AVX2-only one "
                      "(the committed metrics, byte for byte with cpu_threads 2); native: the "
                      "best the CPU has (AVX-512, AMX: faster, other roundings)")
+    timeout_minutes: float = _spec(
+        60.0, min=1.0, max=10080.0, help="how long a torchrun rank waits for the others at a "
+                                         "collective before the job aborts (torch: 10 for nccl)")
     cpu_threads: int = _spec(
         2, min=0, max=1024, help="intra-op threads per process; 0: torch's choice (one per "
                                  "core, split between torchrun's CPU ranks). A kernel splits "

@@ -15,6 +15,7 @@ runs it a second time with `bf16-cpu`.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import os
 import sys
@@ -22,6 +23,8 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+
+from glr.params import ParamsError
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +73,54 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed() -> Dist:
-    """Join the torchrun process group when there is one (nccl on GPU, gloo on CPU)."""
+class LaunchError(ParamsError):
+    """A launch that cannot work as asked (more ranks than GPUs, srun without torchrun);
+    `glr` reports it as one line, as a bad param."""
+
+
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of a node's local rank among the `visible` GPUs. One visible GPU serves
+    whatever rank sees it (a launcher that exposes one GPU per rank: SLURM
+    `--gpus-per-task=1`, per-rank CUDA_VISIBLE_DEVICES); several are one per local rank."""
+    if visible < 1:
+        raise LaunchError("torch sees no CUDA GPU")
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise LaunchError(f"local rank {local_rank} has no GPU of its own: {visible} are visible "
+                          f"on this node; start at most {visible} processes per node "
+                          "(train.processes, extract.processes, torchrun --nproc_per_node)")
+    return local_rank
+
+
+def check_launcher(environ: dict[str, str]) -> None:
+    """Refuse several SLURM tasks that were not started through torchrun: each would train
+    alone (WORLD_SIZE 1) on its node's first GPU, writing the same files."""
+    tasks = int(environ.get("SLURM_NTASKS", "1") or 1)
+    if tasks > 1 and "WORLD_SIZE" not in environ:
+        raise LaunchError(f"{tasks} SLURM tasks without torchrun: each would run alone on its "
+                          "first GPU. Start one task per node that runs `torchrun "
+                          "--nnodes=$SLURM_NNODES --nproc_per_node=<GPUs> ... -m glr <stage>` "
+                          "(README, Distributed)")
+
+
+def setup_distributed(timeout_minutes: float = 60.0) -> Dist:
+    """Join the torchrun process group when there is one (nccl on GPU, gloo on CPU).
+
+    `timeout_minutes` (params train.timeout_minutes): how long a collective waits for a rank
+    that is behind before the job aborts (torch's default is 10 minutes for nccl: an
+    hours-long extraction whose ranks finish minutes apart would trip it)."""
+    check_launcher(dict(os.environ))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = cuda_available()
-    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    device = torch.device("cpu")
     if cuda:
+        device = torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(backend="nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     rank = dist.get_rank() if dist.is_initialized() else 0
     return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
 
@@ -155,15 +196,30 @@ def resolve_precision(device: torch.device, precision: str) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+def exact_cuda_float32() -> None:
+    """float32 on CUDA as IEEE float32: no TF32 in cuDNN's convolutions (on by default) nor in
+    cuBLAS. Through torch's `fp32_precision` flags where torch has them (it refuses a mix of
+    these and the legacy `allow_tf32` switches in one process), else the legacy ones."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "conv"):
+        matmul.fp32_precision = "ieee"
+        conv.conv.fp32_precision = "ieee"
+    else:  # torch before 2.9
+        matmul.allow_tf32 = False
+        conv.allow_tf32 = False
+
+
 def precision_context(device: torch.device, precision: str):
     """(autocast context, GradScaler or None) for the device.
 
     auto: fp16 + GradScaler on CUDA; bf16 autocast on a CPU with native bfloat16; fp32 on
-    other CPUs. fp32: no autocast anywhere. bf16: bf16 autocast on any device (no scaler:
-    bfloat16 has float32's exponent range).
+    other CPUs. fp32: no autocast anywhere, and no TF32 on CUDA. bf16: bf16 autocast on any
+    device (no scaler: bfloat16 has float32's exponent range).
     """
     resolved = resolve_precision(device, precision)
     if resolved == "fp32":
+        if device.type == "cuda":
+            exact_cuda_float32()
         return nullcontext(), None
     if resolved == "fp16":
         return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")

@@ -196,21 +196,30 @@ def merge_top_k(
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
+# cuBLAS switches that would change the sums the error bound assumes: TF32 inputs, reduced-
+# precision reductions of fp16 / bf16 products, fp16 accumulation (each where torch has it).
+_REDUCED_MATMUL = ("allow_fp16_reduced_precision_reduction",
+                   "allow_bf16_reduced_precision_reduction", "allow_fp16_accumulation")
+
+
 @contextmanager
 def _exact_cuda_matmul():
-    """No TF32 and no reduced-precision reductions in cuBLAS while searching: the error
-    bound assumes float32 accumulation."""
+    """No TF32, no reduced-precision reductions and no fp16 accumulation in cuBLAS while
+    searching: the error bound assumes float32 accumulation. TF32 through torch's
+    `fp32_precision` flag where torch has it (it refuses a mix of it and the legacy
+    `allow_tf32` in one process, see glr.runtime.exact_cuda_float32)."""
     matmul = torch.backends.cuda.matmul
-    saved = (matmul.allow_tf32, matmul.allow_fp16_reduced_precision_reduction,
-             matmul.allow_bf16_reduced_precision_reduction)
-    matmul.allow_tf32 = False
-    matmul.allow_fp16_reduced_precision_reduction = False
-    matmul.allow_bf16_reduced_precision_reduction = False
+    switches = [name for name in _REDUCED_MATMUL if hasattr(matmul, name)]
+    tf32 = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    saved = {name: getattr(matmul, name) for name in [tf32, *switches]}
+    setattr(matmul, tf32, "ieee" if tf32 == "fp32_precision" else False)
+    for name in switches:
+        setattr(matmul, name, False)
     try:
         yield
     finally:
-        (matmul.allow_tf32, matmul.allow_fp16_reduced_precision_reduction,
-         matmul.allow_bf16_reduced_precision_reduction) = saved
+        for name, value in saved.items():
+            setattr(matmul, name, value)
 
 
 class _QuerySet:
@@ -284,6 +293,8 @@ def _fast_scores(queries: _QuerySet, rows: slice, block: _Block) -> torch.Tensor
     if left.is_cuda and left.dtype != torch.float32:
         try:
             return torch.mm(left, right, out_dtype=torch.float32)
+        except torch.cuda.OutOfMemoryError:
+            raise  # not a missing feature: the bound must not switch to the output's dtype
         except (TypeError, RuntimeError):  # an older torch: the bound then uses the output dtype
             return torch.mm(left, right)
     return torch.mm(left, right)

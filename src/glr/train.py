@@ -52,6 +52,7 @@ from glr.params import FIRST_INIT, ModelParams, Params, ParamsError, PhaseParams
 from glr.progress import progress_bar
 from glr.runtime import (
     Dist,
+    LaunchError,
     cpu_kernels_name,
     pin_cpu_kernels,
     precision_context,
@@ -267,6 +268,17 @@ class Resumed:
     epoch: int = 0  # finished epochs
     summary: dict = dataclasses.field(default_factory=dict)  # the last epoch's
     live_files: dict = dataclasses.field(default_factory=dict)  # DVCLive folder, path -> text
+
+
+def check_resumed_epochs(epochs: list[int], checkpoint: Path) -> None:
+    """Every rank resumes from the same epoch, or the ranks would train different epochs and
+    wait for each other at the end forever. Only rank 0 writes the checkpoint: on several
+    nodes the others find it only on a shared filesystem."""
+    if len(set(epochs)) > 1:
+        found = ", ".join(f"rank {rank}: {epoch or 'none'}" for rank, epoch in enumerate(epochs))
+        raise LaunchError(f"{checkpoint}: the ranks found different checkpoints ({found}); the "
+                          "runs folder must be on a filesystem every node shares (README, "
+                          "Distributed)")
 
 
 def try_resume(path: Path, fingerprint: str, model, optimizer, scheduler, scaler) -> Resumed:
@@ -555,6 +567,10 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, live_dir: Path
     fingerprint = run_fingerprint(params, plan, shard_dir, env.world)
     checkpoint = plan.run_dir / "checkpoint.pt"
     resumed = try_resume(checkpoint, fingerprint, model, optimizer, scheduler, scaler)
+    if env.world > 1:
+        epochs: list[int] = [0] * env.world
+        dist.all_gather_object(epochs, resumed.epoch)
+        check_resumed_epochs(epochs, checkpoint)
     if resumed.epoch:
         log.info("resuming %s/%s from %s after epoch %d", plan.backbone, plan.name,
                  checkpoint, resumed.epoch)
@@ -681,7 +697,7 @@ def main(params: Params, backbone: str, phase_name: str, shard_dir: Path, models
     if (params.train.processes > 1 and "LOCAL_RANK" not in os.environ
             and argv is not None):
         relaunch_under_torchrun(params.train.processes, argv)
-    env = setup_distributed()
+    env = setup_distributed(params.train.timeout_minutes)
     if env.device.type == "cpu" and env.world > 1 and params.train.cpu_threads == 0:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world))
     if env.main:

@@ -10,6 +10,7 @@ mean pixel; on uint8 we fill with the mean pixel (124, 116, 104), which normaliz
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
@@ -98,6 +99,17 @@ def random_erasing(image: torch.Tensor, rng: random.Random, p: float = 1.0,
     return image
 
 
+@functools.cache
+def _normalize_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1/(255·std), mean/std) as (1, 3, 1, 1) float32 tensors on `device`, made once per
+    device: a tensor built from a list on a GPU is a blocking host-to-device copy, which would
+    make the host wait for the previous training step on every batch."""
+    with torch.inference_mode(False):  # plain tensors, whether first asked for in extraction
+        scale = torch.tensor([1 / (255 * s) for s in STD]).view(1, 3, 1, 1)
+        shift = torch.tensor([m / s for m, s in zip(MEAN, STD, strict=True)]).view(1, 3, 1, 1)
+        return scale.to(device), shift.to(device)
+
+
 def normalize(batch: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (B, 3, H, W) → float32 normalized with the recipe's mean and std, batched.
 
@@ -105,9 +117,7 @@ def normalize(batch: torch.Tensor, out: torch.Tensor | None = None) -> torch.Ten
     than a fused addcmul with broadcast factors). `out`, a float32 buffer of the same shape,
     saves the allocation (and its page faults) on the CPU.
     """
-    scale = torch.tensor([1 / (255 * s) for s in STD], device=batch.device).view(1, 3, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(MEAN, STD, strict=True)],
-                         device=batch.device).view(1, 3, 1, 1)
+    scale, shift = _normalize_constants(batch.device)
     if out is None:
         out = batch.float()
     else:
