@@ -300,3 +300,10 @@ def test_check_writes_the_same_mark_for_any_valid_params_and_nothing_for_bad_one
         check_params(bad, mark)
     assert mark.stat().st_mtime_ns == stamp and mark.read_text() == CHECK_MARK
     assert sorted(p.name for p in mark.parent.iterdir()) == ["params.checked"]
+
+
+def test_determinism_and_cudnn_benchmark_exclude_each_other():
+    with pytest.raises(ParamsError, match=r"train\.deterministic and train\.cudnn_benchmark "
+                                          r"exclude each other"):
+        parse_params({"train": {"deterministic": True, "cudnn_benchmark": True}})
+    assert parse_params({"train": {"deterministic": True}}).train.deterministic

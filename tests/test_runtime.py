@@ -166,3 +166,26 @@ def test_the_process_group_waits_as_long_as_params_say(monkeypatch) -> None:
     env = runtime.setup_distributed(timeout_minutes=180)
     assert calls == [{"backend": "gloo", "timeout": datetime.timedelta(minutes=180)}]
     assert (env.rank, env.world, env.local_rank, env.device) == (1, 2, 1, CPU)
+
+
+def test_cuda_algorithms_follow_the_params() -> None:
+    """train.deterministic sets torch's determinism switches (and cuBLAS's workspace), which a
+    GPU rerun needs for the same bytes; train.cudnn_benchmark excludes it."""
+    import os
+
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    try:
+        assert "deterministic" in runtime.pin_cuda_algorithms(True, False)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == (saved[3] or ":4096:8")
+        assert "benchmark" in runtime.pin_cuda_algorithms(False, True)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        with pytest.raises(runtime.ParamsError, match="exclude each other"):
+            runtime.pin_cuda_algorithms(True, True)
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1:3]
+        if saved[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

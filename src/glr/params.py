@@ -324,6 +324,10 @@ class TrainParams:
     timeout_minutes: float = _spec(
         60.0, min=1.0, max=10080.0, help="how long a torchrun rank waits for the others at a "
                                          "collective before the job aborts (torch: 10 for nccl)")
+    deterministic: bool = _spec(
+        False, help="torch's deterministic algorithms (CUDA: same bytes on a rerun, slower)")
+    cudnn_benchmark: bool = _spec(
+        False, help="cuDNN times its algorithms per input shape and keeps the fastest")
     cpu_threads: int = _spec(
         2, min=0, max=1024, help="intra-op threads per process; 0: torch's choice (one per "
                                  "core, split between torchrun's CPU ranks). A kernel splits "
@@ -333,6 +337,9 @@ class TrainParams:
     recipe: dict[str, RecipeEntry] = field(default_factory=_default_recipe)
 
     def validate(self, prefix: str) -> None:
+        if self.deterministic and self.cudnn_benchmark:
+            raise ParamsError(f"{prefix}.deterministic and {prefix}.cudnn_benchmark exclude each "
+                              "other: cuDNN's benchmark picks algorithms by timing")
         if not self.phases:
             raise ParamsError(f"{prefix}.phases: at least one phase is needed")
         for name in self.phases:

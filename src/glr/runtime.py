@@ -181,6 +181,29 @@ def cpu_kernels_name(kernels: str) -> str:
             f"{kernels}), {torch.get_num_threads()} thread(s)")
 
 
+def pin_cuda_algorithms(deterministic: bool, benchmark: bool) -> str:
+    """How CUDA picks its kernels (`train.deterministic`, `train.cudnn_benchmark`); returns it
+    in words for the logs. deterministic: torch's deterministic algorithms everywhere (the
+    ArcFace gather's backward without atomic adds, cuDNN's deterministic weight gradients,
+    cuBLAS with a fixed workspace), so that a GPU rerun gives the same bytes, at some speed;
+    an op without such an algorithm then fails, naming itself. benchmark: cuDNN times its
+    algorithms per input shape and keeps the fastest (fixed training sizes); not bitwise
+    reproducible. On a CPU torch's kernels are deterministic either way."""
+    if deterministic and benchmark:
+        raise ParamsError("train.deterministic and train.cudnn_benchmark exclude each other: "
+                          "cuDNN's benchmark picks algorithms by timing")
+    if deterministic:
+        # read by cuBLAS when it starts: set before the first CUDA product
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = benchmark
+    return ("deterministic algorithms (train.deterministic)" if deterministic
+            else "cuDNN benchmark (train.cudnn_benchmark)" if benchmark
+            else "torch's default algorithms (fastest known; GPU reruns may differ in the "
+                 "last bits: train.deterministic)")
+
+
 PRECISIONS = ("auto", "fp32", "bf16")
 
 

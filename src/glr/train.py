@@ -55,6 +55,7 @@ from glr.runtime import (
     LaunchError,
     cpu_kernels_name,
     pin_cpu_kernels,
+    pin_cuda_algorithms,
     precision_context,
     precision_name,
     relaunch_under_torchrun,
@@ -700,8 +701,11 @@ def main(params: Params, backbone: str, phase_name: str, shard_dir: Path, models
     env = setup_distributed(params.train.timeout_minutes)
     if env.device.type == "cpu" and env.world > 1 and params.train.cpu_threads == 0:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world))
+    algorithms = pin_cuda_algorithms(params.train.deterministic, params.train.cudnn_benchmark)
     if env.main:
         log.info("cpu: %s", cpu_kernels_name(params.train.cpu_kernels))
+        if env.device.type == "cuda":
+            log.info("cuda: %s", algorithms)
     if backbone not in params.model.backbones:
         raise ParamsError(f"--backbone {backbone}: not in params model.backbones "
                           f"({', '.join(params.model.backbones)})")
