@@ -147,10 +147,12 @@ def test_more_ranks_than_gpus_and_srun_without_torchrun_are_one_line_errors() ->
         runtime.cuda_index(2, 2)
     with pytest.raises(runtime.LaunchError, match="no CUDA GPU"):
         runtime.cuda_index(0, 0)
+    step = {"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "2"}
     with pytest.raises(runtime.LaunchError, match="4 SLURM tasks without torchrun"):
-        runtime.check_launcher({"SLURM_NTASKS": "4"})
-    runtime.check_launcher({"SLURM_NTASKS": "4", "WORLD_SIZE": "32"})  # torchrun inside srun
-    runtime.check_launcher({"SLURM_NTASKS": "1"})
+        runtime.check_launcher(step)
+    runtime.check_launcher({**step, "WORLD_SIZE": "32"})  # torchrun inside srun
+    runtime.check_launcher({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"})  # sbatch -n 8 script
+    runtime.check_launcher({"SLURM_NTASKS": "8"})  # a command in an `salloc -n 8` shell
     runtime.check_launcher({})
 
 

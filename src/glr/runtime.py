@@ -94,10 +94,12 @@ def cuda_index(local_rank: int, visible: int) -> int:
 
 
 def check_launcher(environ: dict[str, str]) -> None:
-    """Refuse several SLURM tasks that were not started through torchrun: each would train
-    alone (WORLD_SIZE 1) on its node's first GPU, writing the same files."""
-    tasks = int(environ.get("SLURM_NTASKS", "1") or 1)
-    if tasks > 1 and "WORLD_SIZE" not in environ:
+    """Refuse several tasks of one `srun` step that were not started through torchrun: each
+    would train alone (WORLD_SIZE 1) on its node's first GPU, writing the same files. Only a
+    step's own task count counts: `sbatch -n 8` or `salloc -n 8` around a single command sets
+    SLURM_NTASKS, not SLURM_STEP_NUM_TASKS, and is fine."""
+    tasks = int(environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if tasks > 1 and "SLURM_PROCID" in environ and "WORLD_SIZE" not in environ:
         raise LaunchError(f"{tasks} SLURM tasks without torchrun: each would run alone on its "
                           "first GPU. Start one task per node that runs `torchrun "
                           "--nnodes=$SLURM_NNODES --nproc_per_node=<GPUs> ... -m glr <stage>` "
