@@ -1,8 +1,13 @@
-"""Where a stage runs: its torchrun rank and device, and the precision it computes in.
+"""Where a stage runs and how it computes: its torchrun rank and device, the CPU kernels and
+threads, the CUDA algorithms, and the precision.
 
 `train`, `extract` and `glr query` share these: under torchrun each process joins the process
-group (nccl on GPU, gloo on CPU); with `processes > 1` and no torchrun around, a stage
-relaunches itself under torchrun.
+group (nccl on GPU, gloo on CPU; collectives wait `train.timeout_minutes`); with `processes > 1`
+and no torchrun around, a stage relaunches itself under torchrun. A launch that cannot work
+(more local ranks than GPUs, several `srun` tasks without torchrun) is a one-line
+`LaunchError`. `pin_cpu_kernels` (`train.cpu_kernels`, `train.cpu_threads`) runs first in a
+stage's process; `pin_cuda_algorithms` (`train.deterministic`, `train.cudnn_benchmark`) and
+`precision_context` (`train.precision`; IEEE float32 on CUDA for fp32) follow.
 
 Every choice that depends on the machine (CUDA or not, native bfloat16 or not) asks
 `cuda_available()` and `cpu_has_fast_bf16()` here. The environment variable `GLR_MACHINE`
