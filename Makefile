@@ -27,7 +27,7 @@ test: setup
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 # The suite again as a CPU with native bfloat16 (AMX / AVX-512 BF16) answers glr.runtime
-# (README: Development). bfloat16 is emulated on other CPUs: correct, slower; the slow
+# (docs/machines.md). bfloat16 is emulated on other CPUs: correct, slower; the slow
 # end-to-end tests run in `make test` only.
 test-bf16: setup
 	GLR_MACHINE=bf16-cpu $(BIN)/python -m pytest -m "not slow"

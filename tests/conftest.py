@@ -14,10 +14,12 @@ import os
 
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("GLR_MACHINE", "plain-cpu")
+
+from glr.runtime import CPU_KERNELS  # imports torch, which reads these at its first computation
+
 # The kernels `train.cpu_kernels: avx2` (the default) pins in the stages' processes, pinned for
 # this one too before torch computes anything: in-process and subprocess runs compare equal.
-os.environ.update({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                   "MKL_ENABLE_INSTRUCTIONS": "AVX2"})
+os.environ.update(CPU_KERNELS["avx2"])
 
 import csv
 import json

@@ -191,3 +191,35 @@ def test_cuda_algorithms_follow_the_params() -> None:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1:3]
         if saved[3] is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+def test_fp32_on_cuda_with_a_torch_before_the_new_flags(monkeypatch) -> None:
+    """torch before 2.9 has only the legacy `allow_tf32` switches: those are turned off."""
+    from types import SimpleNamespace
+
+    matmul, cudnn = SimpleNamespace(allow_tf32=True), SimpleNamespace(allow_tf32=True)
+    monkeypatch.setattr(torch.backends.cuda, "matmul", matmul)
+    monkeypatch.setattr(torch.backends, "cudnn", cudnn)
+    runtime.exact_cuda_float32()
+    assert (matmul.allow_tf32, cudnn.allow_tf32) == (False, False)
+
+
+def test_a_gpu_node_gives_each_local_rank_its_gpu_and_nccl(monkeypatch) -> None:
+    """The CUDA branch of setup_distributed, forced on this machine: local rank 1 of a node
+    with 2 visible GPUs takes cuda:1 and joins over nccl; a third local rank is refused."""
+    calls, devices = [], []
+    monkeypatch.setattr(runtime, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(runtime.dist, "is_initialized", lambda: bool(calls))
+    monkeypatch.setattr(runtime.dist, "init_process_group",
+                        lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(runtime.dist, "get_rank", lambda: 3)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    env = runtime.setup_distributed(timeout_minutes=60)
+    assert devices == [torch.device("cuda", 1)] and env.device == torch.device("cuda", 1)
+    assert calls == [{"backend": "nccl", "timeout": datetime.timedelta(minutes=60)}]
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(runtime.LaunchError, match="local rank 2 has no GPU of its own"):
+        runtime.setup_distributed()

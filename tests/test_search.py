@@ -255,3 +255,16 @@ def test_exact_cuda_matmul_pins_cublas_and_restores_it() -> None:
         assert getattr(matmul, tf32) == ("ieee" if tf32 == "fp32_precision" else False)
         assert not any(getattr(matmul, n) for n in names)
     assert {n: getattr(matmul, n) for n in [tf32, *names]} == before
+
+
+def test_exact_cuda_matmul_with_a_torch_before_the_new_flags(monkeypatch) -> None:
+    """torch before 2.9: the legacy `allow_tf32` switch, and only the reduced-precision
+    switches that torch has; all as they were afterwards."""
+    from types import SimpleNamespace
+
+    matmul = SimpleNamespace(allow_tf32=True, allow_fp16_reduced_precision_reduction=True)
+    monkeypatch.setattr(torch.backends.cuda, "matmul", matmul)
+    with search._exact_cuda_matmul():
+        assert vars(matmul) == {"allow_tf32": False,
+                                "allow_fp16_reduced_precision_reduction": False}
+    assert vars(matmul) == {"allow_tf32": True, "allow_fp16_reduced_precision_reduction": True}

@@ -167,7 +167,7 @@ def check_parts(parts: Path, num_shards: int, world: int) -> None:
             f"{parts}: {len(missing)} of {num_shards} shard parts are missing (e.g. "
             f"{missing[0]:06d}.npy, written by rank {missing[0] % world}; ranks "
             f"{', '.join(map(str, owners[:8]))}{' …' if len(owners) > 8 else ''}): the runs "
-            "folder must be on a filesystem every node shares (README, Distributed)")
+            "folder must be on a filesystem every node shares (docs/machines.md)")
 
 
 def assemble(parts: Path, num_shards: int, out_npy: Path, out_table: Path,

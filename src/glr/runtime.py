@@ -108,7 +108,7 @@ def check_launcher(environ: dict[str, str]) -> None:
         raise LaunchError(f"{tasks} SLURM tasks without torchrun: each would run alone on its "
                           "first GPU. Start one task per node that runs `torchrun "
                           "--nnodes=$SLURM_NNODES --nproc_per_node=<GPUs> ... -m glr <stage>` "
-                          "(README, Distributed)")
+                          "(docs/machines.md)")
 
 
 def setup_distributed(timeout_minutes: float = 60.0) -> Dist:

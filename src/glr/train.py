@@ -278,8 +278,8 @@ def check_resumed_epochs(epochs: list[int], checkpoint: Path) -> None:
     if len(set(epochs)) > 1:
         found = ", ".join(f"rank {rank}: {epoch or 'none'}" for rank, epoch in enumerate(epochs))
         raise LaunchError(f"{checkpoint}: the ranks found different checkpoints ({found}); the "
-                          "runs folder must be on a filesystem every node shares (README, "
-                          "Distributed)")
+                          "runs folder must be on a filesystem every node shares "
+                          "(docs/machines.md)")
 
 
 def try_resume(path: Path, fingerprint: str, model, optimizer, scheduler, scaler) -> Resumed:
