@@ -15,6 +15,7 @@ import torch
 from glr import cli
 from glr.bench import extract as bench_extract
 from glr.bench import gpu as bench_gpu
+from glr.bench import scaling as bench_scaling
 
 
 def check_comparison(part: dict, names: tuple[str, str], images: int) -> None:
@@ -62,7 +63,7 @@ def test_bench_shards_are_full_and_repeat_to_the_count_asked(tmp_path: Path):
 def test_bench_gpu_dry_run_measures_every_part(tmp_path: Path):
     out = tmp_path / "gpu.json"
     status = cli.main(["bench", "gpu", "--dry-run", "--out", str(out),
-                       "--workdir", str(tmp_path / "work")])
+                       "--workdir", str(tmp_path / "work"), "--gpus", "2"])
     assert status == 0
     result = json.loads(out.read_text())
     sizes = bench_gpu.dry_sizes()
@@ -83,7 +84,42 @@ def test_bench_gpu_dry_run_measures_every_part(tmp_path: Path):
                                        "query_neighbors": [sizes.queries, sizes.k_neighbors]}
     else:  # the API is being written elsewhere: the part says so instead of failing
         assert retrieval["status"] == "not available" and retrieval["reason"]
-    assert all(result[part]["wall_s"] >= 0 for part in ("training", "extraction", "retrieval"))
+    assert all(result[part]["wall_s"] >= 0 for part in ("training", "extraction", "retrieval",
+                                                         "scaling"))
+    # (d): torchrun with 1 then 2 processes (gloo on the CPU), each rank timing its steps
+    scaling = result["scaling"]
+    assert scaling["processes"] == 2 and list(scaling["runs"]) == ["1", "2"]
+    for count, run in scaling["runs"].items():
+        assert run["processes"] == int(count) and len(run["per_rank_images_per_s"]) == int(count)
+        assert run["images_per_s_per_process"] == pytest.approx(
+            run["images_per_s"] / int(count), abs=0.01)
+    assert scaling["scaling"] == pytest.approx(
+        scaling["runs"]["2"]["images_per_s"] / (2 * scaling["runs"]["1"]["images_per_s"]),
+        abs=2e-3)
+
+
+def test_bench_scaling_summary_is_every_image_over_the_slowest_rank():
+    one = {"workers": 4, "ranks": [{"images": 1000, "seconds": 2.0}]}
+    two = {"workers": 2, "ranks": [{"images": 1000, "seconds": 2.5},
+                                   {"images": 1000, "seconds": 2.0}]}
+    summary = bench_scaling.summarize({1: one, 2: two})
+    assert summary["runs"]["2"] == {"processes": 2, "workers_per_process": 2,
+                                    "images_per_s": 800.0, "images_per_s_per_process": 400.0,
+                                    "per_rank_images_per_s": [400.0, 500.0]}
+    assert summary["runs"]["1"]["images_per_s"] == 500.0
+    assert summary["scaling"] == 0.8 and summary["processes"] == 2
+
+
+def test_bench_gpu_scaling_processes_default_to_the_visible_gpus():
+    from glr.runtime import LaunchError
+
+    assert bench_gpu.scaling_processes(None, dry_run=False, visible=8) == 8
+    assert bench_gpu.scaling_processes(None, dry_run=True, visible=0) == 1
+    assert bench_gpu.scaling_processes(2, dry_run=True, visible=0) == 2
+    with pytest.raises(LaunchError, match=r"--gpus 4: torch sees 2 GPU\(s\) on this node"):
+        bench_gpu.scaling_processes(4, dry_run=False, visible=2)
+    with pytest.raises(LaunchError, match="--gpus 0: at least 1"):
+        bench_gpu.scaling_processes(0, dry_run=False, visible=2)
 
 
 def test_bench_gpu_without_a_gpu_writes_nothing(tmp_path: Path, monkeypatch, caplog):

@@ -398,3 +398,45 @@ def test_pk_batches_with_fewer_labels_than_p_repeat_labels():
                                      rng=random.Random(0), buffer_size=10))
     assert images.shape[0] == 6 and len(labels) == 6
     assert set(labels.tolist()) == {0, 1}
+
+
+def test_persistent_workers_follow_set_epoch_as_fresh_workers_do(shard_dir, monkeypatch):
+    """One DataLoader kept across epochs (persistent workers) gives each epoch the batches a
+    fresh DataLoader gives it: the workers read the epoch the parent set."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    groups = shards.read_lists(shard_dir)["full"]
+    dataset = TrainStream(shard_dir, groups, _raw, batch_size=4, batches_per_epoch=6, seed=3,
+                          shuffle_buffer=20)
+    kept = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2,
+                                       persistent_workers=True)
+
+    def keys(loader):
+        return [(_unpad(image), int(label)) for images, labels in loader
+                for image, label in zip(images, labels, strict=True)]
+
+    persistent, fresh = [], []
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        persistent.append(keys(kept))
+        fresh.append(keys(torch.utils.data.DataLoader(dataset, batch_size=None,
+                                                      num_workers=2)))
+    assert persistent == fresh
+    assert len(persistent[0]) == 24 and persistent[0] != persistent[1] != persistent[2]
+
+
+def test_reader_bytes_counts_buffers_pool_and_prefetched_batches(shard_dir):
+    groups = ["clean-asia", "c2x_extra-asia"]
+    samples = sum(shards.read_manifest(shard_dir, g)["samples"] for g in groups)
+    jpeg = sum(shards.read_manifest(shard_dir, g)["bytes"] for g in groups) / samples
+    image = 3 * 32 * 32
+    epoch = TrainStream(shard_dir, groups, _raw, batch_size=4, batches_per_epoch=1,
+                        shuffle_buffer=100)
+    assert epoch.reader_bytes(32) == round(100 * jpeg + 2 * 4 * image)
+    # the mix's buffers: max(16, round(100 p)) each = 90 + 16
+    mixed = TrainStream(shard_dir, groups, _raw, batch_size=4, batches_per_epoch=1,
+                        probs=[0.9, 0.1], shuffle_buffer=100)
+    assert mixed.reader_bytes(32, prefetch=3) == round(106 * jpeg + 3 * 4 * image)
+    pk = TrainStream(shard_dir, groups, _raw, batch_size=4, batches_per_epoch=1,
+                     pk_instances=2, shuffle_buffer=100)
+    assert pk.reader_bytes(32) == round(100 * jpeg + 100 * image + 2 * 4 * image)

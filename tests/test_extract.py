@@ -144,6 +144,41 @@ def test_extraction_computes_and_logs_in_the_training_precision(setup, caplog, m
     assert query.dtype == np.float16 and query.shape[1] == 16
 
 
+def test_host_features_trail_the_device_by_one_batch_and_round_as_numpy():
+    """Batch n reaches the host loop only after batch n + 1 was queued (on a GPU the device
+    then computes while the host files), with numpy's float32 -> float16 rounding."""
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(5, 16, generator=generator) * scale for scale in (1, 1e-5, 3e4)]
+    pulled = []
+
+    def source():
+        for number, features in enumerate(batches):
+            pulled.append(number)
+            yield features, number
+
+    seen = []
+    for host, number in extract.host_features(source()):
+        seen.append((number, list(pulled)))
+        expected = batches[number].numpy().astype(np.float16)
+        assert host.dtype == np.float16 and host.tobytes() == expected.tobytes()
+    assert seen == [(0, [0, 1]), (1, [0, 1, 2]), (2, [0, 1, 2])]
+
+
+def test_workers_beyond_the_nodes_cpus_are_capped_and_change_no_feature(setup, caplog,
+                                                                          monkeypatch):
+    params, _, shard_dir, root = setup
+    baseline = run(params, shard_dir, root, "workers-0")
+    monkeypatch.setattr(extract, "available_cpus", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    many = dataclasses.replace(params, extract=dataclasses.replace(params.extract, workers=64))
+    caplog.set_level("INFO", logger="glr.extract")
+    out = run(many, shard_dir, root, "workers-64")
+    assert "extract.workers 64 capped to 2: 1 process(es) share 2 CPU(s) on this node" in [
+        r.getMessage() for r in caplog.records]
+    for name in ("query", "index", "ref"):
+        assert (out / f"{name}.npy").read_bytes() == (baseline / f"{name}.npy").read_bytes()
+
+
 def test_assembly_stops_when_parts_of_another_node_are_missing(tmp_path):
     """Two "nodes" without a shared filesystem: each rank writes the parts of its shards
     (shard n: rank n mod world) into its own node's runs folder, so rank 0 finds only its own.

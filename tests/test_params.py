@@ -243,8 +243,10 @@ def test_backbone_table_agrees_with_timm():
     from glr.model.backbones import RESNET_FAMILIES, timm_family
 
     for name, spec in BACKBONES.items():
-        assert timm_family(spec.timm_name) in RESNET_FAMILIES, name
         assert spec.timm_weights == is_model_pretrained(spec.timm_name), name
+    resnets = [n for n, s in BACKBONES.items() if timm_family(s.timm_name) in RESNET_FAMILIES]
+    assert set(BACKBONES) - set(resnets) == {"efficientnet_lite0", "efficientnet_lite1",
+                                             "efficientnet_lite2"}
 
 
 @pytest.mark.parametrize("name", ["resnet18d", "resnest14d", "ecaresnet26t", "resnet26d.bt_in1k"])

@@ -223,3 +223,17 @@ def test_a_gpu_node_gives_each_local_rank_its_gpu_and_nccl(monkeypatch) -> None:
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(runtime.LaunchError, match="local rank 2 has no GPU of its own"):
         runtime.setup_distributed()
+
+
+def test_cpus_and_local_processes_and_the_workers_they_hold(monkeypatch) -> None:
+    import os
+
+    assert 1 <= runtime.available_cpus() <= (os.cpu_count() or 1)
+    assert runtime.local_processes({}) == 1
+    assert runtime.local_processes({"LOCAL_WORLD_SIZE": "8"}) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert runtime.local_processes() == 4
+    # the authors' 8 ranks × 8 workers on a 32-core node: 4 each; more ranks than CPUs: 0
+    assert [runtime.worker_fit(local, cpus) for local, cpus in
+            [(8, 32), (1, 2), (8, 128), (4, 2)]] == [4, 2, 16, 0]
+    assert runtime.host_memory_bytes() > 2 ** 28

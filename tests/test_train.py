@@ -471,6 +471,27 @@ def test_a_long_phase_on_a_cpu_is_a_warning_naming_the_estimate_and_its_cause():
     assert train.cpu_warning(plan, quick, torch.device("cpu"), "fp32") is None
 
 
+def test_the_loader_report_warns_of_too_many_workers_and_buffers_over_half_the_memory():
+    gib, mib = 2 ** 30, 2 ** 20
+    # the authors' 8 ranks × 8 workers, 10,000-sample buffers of ~100 KB JPEGs: ~1 GiB each
+    line, warnings = train.loader_report(8, 8, 32, 1024 * mib, 512 * gib, 10_000)
+    assert line == ("loader: 8 process(es) × 8 DataLoader worker(s) on 32 CPU(s); shuffle "
+                    "buffers and prefetched batches up to 64.00 GiB of the host's 512 GiB "
+                    "(1024 MiB per reader)")
+    assert warnings == [
+        "train.workers 8 × 8 process(es) = 64 DataLoader workers on 32 CPU(s): they compete "
+        "for the CPUs, and 4 per process would fit. Not capped here, since the worker count "
+        "decides the batches: set train.workers"]
+    _, warnings = train.loader_report(8, 8, 128, 1024 * mib, 96 * gib, 10_000)
+    assert warnings == [
+        "the loader may hold 64.0 GiB on this node (64 readers × 1024 MiB, mostly the shuffle "
+        "buffers of train.shuffle_buffer 10000 samples), over half of the host's 96 GiB: "
+        "lower train.shuffle_buffer or train.workers"]
+    # no workers: the process is its one reader
+    line, warnings = train.loader_report(0, 1, 2, 64 * mib, 24 * gib, 1000)
+    assert "up to 0.06 GiB" in line and warnings == []
+
+
 # --------------------------------------------------------------------------- recipes
 
 

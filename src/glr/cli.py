@@ -214,7 +214,7 @@ def cmd_bench_gpu(args: argparse.Namespace) -> None:
     from glr.bench import gpu as bench_gpu
 
     bench_gpu.main(out=args.out, dry_run=args.dry_run, workers=args.workers,
-                   workdir=args.workdir)
+                   workdir=args.workdir, gpus=args.gpus)
 
 
 def cmd_bench_default(args: argparse.Namespace) -> None:
@@ -546,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_ext.set_defaults(func=cmd_bench_extract)
 
     bench_gpu = benches.add_parser(
-        "gpu", help="one GPU: training, extraction and 1M-reference retrieval rates (<10 min)",
+        "gpu", help="GPUs: training, extraction, 1M-reference retrieval rates, DDP scaling",
         description="On one NVIDIA GPU: (a) training steps of recipes/gldv2-r50-256.yaml's "
                     "phase p1 (ResNet50, 256 px, batch 128, fp16 + channels_last) through the "
                     "real loader vs from a batch in GPU memory; (b) `glr bench extract`'s "
@@ -554,8 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "glr.rerank.reference_neighbors for 1,129 queries and 50,000 index images "
                     "against 1,000,000 random references (reported as not available without "
                     "that API). Writes OUT with the card, torch and CUDA versions, each rate "
-                    "and the ratios. Without a GPU it says so and writes nothing; --dry-run "
-                    "runs every part on the CPU at toy sizes.")
+                    "and the ratios; (d) with several GPUs, (a)'s steps under torchrun with 1 "
+                    "then N processes (DDP) and the scaling ratio. Without a GPU it says so "
+                    "and writes nothing; --dry-run runs every part on the CPU at toy sizes.")
     bench_gpu.add_argument("--out", type=Path, default=Path("metrics/bench/gpu.json"),
                            help="result file (default: %(default)s)")
     bench_gpu.add_argument("--dry-run", action="store_true",
@@ -565,6 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="DataLoader workers (default: CPU count - 1; 0 in a dry run)")
     bench_gpu.add_argument("--workdir", type=Path, default=None,
                            help="where the generated data goes (default: a temporary folder)")
+    bench_gpu.add_argument("--gpus", type=int, default=None,
+                           help="processes of the scaling part (d), one per GPU (default: "
+                                "every visible GPU; 1 skips it; in a dry run, CPU processes "
+                                "over gloo, default 1)")
     bench_gpu.set_defaults(func=cmd_bench_gpu)
 
     bench_def = benches.add_parser(

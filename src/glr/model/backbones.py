@@ -103,7 +103,7 @@ def backbone_spec(name: str) -> BackboneSpec:
 
 
 def takes_resnet_path(spec: BackboneSpec) -> bool:
-    """Whether `spec` is built the ResNet way (IBN-a if asked, last stride 1): every table entry
+    """Whether `spec` is built the ResNet way (IBN-a if asked, last stride 1): the IBN-a entries
     and every timm model of `RESNET_FAMILIES`; the others take the generic path."""
     return spec.ibn_a or timm_family(spec.timm_name) in RESNET_FAMILIES
 

@@ -33,6 +33,11 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet34": BackboneSpec("resnet34"),
     "resnet18_ibn_a": BackboneSpec("resnet18", ibn_a=True,
                                    ibn_net_checkpoint="resnet18_ibn_a-2f571257.pth"),
+    # The embedded default: ImageNet weights from a pip package (model.pretrained_source
+    # package, glr.model.packaged); timm itself has weights for lite0 only.
+    "efficientnet_lite0": BackboneSpec("efficientnet_lite0"),
+    "efficientnet_lite1": BackboneSpec("efficientnet_lite1", timm_weights=False),
+    "efficientnet_lite2": BackboneSpec("efficientnet_lite2", timm_weights=False),
     # Quick recipe.
     "resnet50": BackboneSpec("resnet50"),
     # torchvision's ImageNet weights (the authors' quick recipe), timm's tag for them
