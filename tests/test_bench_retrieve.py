@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from glr import runtime
 from glr.bench import retrieve as bench_retrieve
 from glr.retrieve import SCORE_CHUNK_ELEMENTS
 from glr.search import RESCORE_ELEMENTS
@@ -32,7 +33,7 @@ def test_tiny_run_reports_consistent_numbers(tmp_path: Path) -> None:
     out = tmp_path / "retrieve.json"
     report = bench_retrieve.main(out, [3_000], queries=8, index=300, dim=32, sample=3,
                                  memory_index=400, memory_references=500, memory_queries=6,
-                                 workdir=tmp_path / "work")
+                                 workdir=tmp_path / "work", accounting_shape=(8, 60, 600))
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     size, = report["sizes"]
     # glr's retrieval equals the authors' procedure on the sampled queries
@@ -51,3 +52,26 @@ def test_tiny_run_reports_consistent_numbers(tmp_path: Path) -> None:
     assert memory["shape"] == {"queries": 6, "index": 400, "references": 500, "backbones": 4,
                                "dim": 32}
     assert memory["measured_gb"] >= 0 and memory["gldv2_model_gb"]["total"] < 8
+    # the stage timed in float32, and in bfloat16 as a bf16-native CPU (make test-bf16)
+    native_bf16 = runtime.cpu_has_fast_bf16()
+    assert list(size["precisions"]) == ["float32", "bfloat16"][:1 + native_bf16]
+    timed = size["precisions"]["float32"]
+    assert timed["seconds"] == size["ours_s"] and timed["backend"] == "cpu-float32 (faiss)"
+    assert timed["rows"] == (8 + 300) * 1 + size["distinct_first_level"]  # one block, 2 passes
+    assert timed["candidates_per_row"] >= 1 and timed["rows_redone"] >= 0
+    # counted in every precision on the same features: a wider margin, more candidates
+    counts = report["accounting"]["precisions"]
+    assert list(counts) == ["float32", "bfloat16", "float16"]
+    assert [counts[p]["kernel"] for p in counts] == [
+        "native", "native" if native_bf16 else "emulated", "emulated"]
+    assert all(counts[p]["rows"] == counts["float32"]["rows"] for p in counts)
+    assert (counts["float32"]["candidates_per_row"] <= counts["float16"]["candidates_per_row"]
+            <= counts["bfloat16"]["candidates_per_row"])
+
+
+def test_only_native_precisions_are_timed(monkeypatch) -> None:
+    monkeypatch.setenv("GLR_MACHINE", "plain-cpu")
+    assert bench_retrieve.timed_precisions(["float32", "bfloat16", "float16"]) == ["float32"]
+    monkeypatch.setenv("GLR_MACHINE", "bf16-cpu")
+    assert bench_retrieve.timed_precisions(["float32", "bfloat16", "float16"]) == [
+        "float32", "bfloat16"]

@@ -147,7 +147,8 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     assert search.select_backend() == search.Backend("cpu", "float32")
     assert search.select_backend("cpu") == search.Backend("cpu", "float32")
     monkeypatch.setenv("GLR_MACHINE", "bf16-cpu")
-    assert search.select_backend() == search.Backend("cpu", "bfloat16")
+    # a bf16-native CPU too: bfloat16's margin costs more re-scoring than its product saves
+    assert search.select_backend() == search.Backend("cpu", "float32")
     assert search.select_backend("auto", "float32").uses_faiss
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
         search.select_backend("cuda")  # a CPU profile hides any GPU
@@ -268,3 +269,27 @@ def test_exact_cuda_matmul_with_a_torch_before_the_new_flags(monkeypatch) -> Non
         assert vars(matmul) == {"allow_tf32": False,
                                 "allow_fp16_reduced_precision_reduction": False}
     assert vars(matmul) == {"allow_tf32": True, "allow_fp16_reduced_precision_reduction": True}
+
+
+def test_search_stats_count_candidates_and_redone_rows() -> None:
+    """Every row's true top k are among its candidates; bfloat16's margin (2^-8) lets more
+    through than float32's (2^-24) on clustered rows; extra=0 sends rows down the redo path."""
+    rng = np.random.default_rng(7)
+    centres = unit_rows(rng, 20, dim=64)
+    database = centres[rng.integers(0, 20, 900)] + 0.02 * rng.standard_normal((900, 64))
+    database = (database / np.linalg.norm(database, axis=1, keepdims=True)).astype(np.float16)
+    queries = unit_rows(rng, 30, dim=64)
+    found = {}
+    for precision, extra in (("float32", 8), ("bfloat16", 8), ("bfloat16", 0)):
+        backend = search.Backend("cpu", precision, extra=extra)
+        search.topk_inner_product(queries, database, 10, block_rows=300, backend=backend)
+        found[precision, extra] = backend.stats.summary()
+        assert backend.stats.rows == 30 * 3  # (query row, block) pairs
+        assert backend.stats.candidates >= 10 * backend.stats.rows
+        assert backend.stats.candidates_max >= 10
+    assert (found["bfloat16", 8]["candidates_per_row"]
+            > found["float32", 8]["candidates_per_row"])
+    assert found["bfloat16", 0]["rows_redone"] > 0
+    assert found["bfloat16", 0]["candidates_per_row"] == found["bfloat16", 8]["candidates_per_row"]
+    assert search.SearchStats(rows=4, candidates=50, candidates_max=20, redone=1).describe() == (
+        "12.5 candidates per row (max 20), 1 of 4 rows redone")

@@ -207,7 +207,8 @@ def cmd_bench_retrieve(args: argparse.Namespace) -> None:
     bench_retrieve.main(out=args.out, references=args.references, queries=args.queries,
                         index=args.index, dim=args.dim, sample=args.sample,
                         memory_index=args.memory_index,
-                        memory_references=args.memory_references, workdir=args.workdir)
+                        memory_references=args.memory_references, workdir=args.workdir,
+                        precisions=args.precisions, accounting_shape=tuple(args.accounting))
 
 
 def cmd_bench_gpu(args: argparse.Namespace) -> None:
@@ -619,6 +620,17 @@ def build_parser() -> argparse.ArgumentParser:
                            help="references of the memory check (default: %(default)s)")
     bench_ret.add_argument("--workdir", type=Path, default=None,
                            help="where the generated features go (default: a temporary folder)")
+    bench_ret.add_argument("--precision", dest="precisions", nargs="+",
+                           choices=["float32", "bfloat16", "float16"],
+                           default=["float32", "bfloat16", "float16"],
+                           help="retrieve.precision values: each is timed in the stage where "
+                                "this CPU computes it natively (float32; bfloat16 with AMX / "
+                                "AVX-512 BF16), and each is counted (candidates per row, rows "
+                                "redone) at the accounting shape (default: all three)")
+    bench_ret.add_argument("--accounting", type=int, nargs=3, default=[200, 2_000, 20_000],
+                           metavar=("QUERIES", "INDEX", "REFERENCES"),
+                           help="shape of the per-precision counts, small enough for emulated "
+                                "kernels (0 0 0: skip; default: 200 2000 20000)")
     bench_ret.set_defaults(func=cmd_bench_retrieve)
     return parser
 

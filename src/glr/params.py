@@ -425,8 +425,8 @@ class RetrieveParams:
         "auto", help="where reference searches run; auto: a CUDA GPU when torch sees one")
     precision: Literal["auto", "float32", "bfloat16", "float16"] = _spec(
         "auto", help="fast products that pick candidates, re-scored exactly (glr.search); "
-                     "auto: float16 on a GPU, bfloat16 on a CPU with AMX / AVX-512 BF16, "
-                     "else float32")
+                     "auto: float16 on a GPU, float32 on a CPU (bfloat16's wider margin costs "
+                     "more re-scoring than its product saves: README)")
 
     def validate(self, prefix: str) -> None:
         if self.device == "cpu" and self.precision == "float16":

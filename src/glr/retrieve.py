@@ -206,8 +206,10 @@ def write_ranking(table: pd.DataFrame, path: Path) -> None:
     tmp.replace(path)
 
 
-def main(params: Params, features_dir: Path, out_dir: Path) -> dict[str, pd.DataFrame]:
-    """Rankings of every variant; see the module docstring for the memory they take."""
+def main(params: Params, features_dir: Path, out_dir: Path, stats: dict | None = None
+         ) -> dict[str, pd.DataFrame]:
+    """Rankings of every variant; see the module docstring for the memory they take. `stats`,
+    when given, receives each backbone's `search.SearchStats` summary (`glr bench retrieve`)."""
     settings = params.retrieve
     backbones = params.model.backbones
     weights = settings.weights or [1.0] * len(backbones)
@@ -238,6 +240,10 @@ def main(params: Params, features_dir: Path, out_dir: Path) -> dict[str, pd.Data
         tags = backbone_tags(features, settings, codes, backend) if settings.rerank else None
         if tags is not None:
             write_tags(tags, features, codes, out_dir / "tags", backbone)
+            log.info("%s: reference searches: %s", backbone, backend.stats.describe())
+            if stats is not None:
+                stats[backbone] = backend.stats.summary()
+            backend.stats.__init__()  # the next backbone counts afresh
         kr = full_kr_scores(features, settings) if settings.full_kr else None
         if several and ensemble_plain is None:
             ensemble_plain = np.zeros(shape, dtype=np.float32)

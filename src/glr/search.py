@@ -28,12 +28,12 @@ import math
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from glr.runtime import cpu_has_fast_bf16, cuda_available
+from glr.runtime import cuda_available
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +60,49 @@ def gpu_available() -> bool:
     return cuda_available()
 
 
+@dataclass
+class SearchStats:
+    """What the exact re-scoring cost, counted over (query row, block) pairs: the candidates
+    (fast scores within the margin of the row's k-th) and the rows redone from their full
+    fast-score rows (more candidates than the k + extra the kernel returned). The counts
+    depend on the precision's margin and the data, not on the kernel's speed."""
+
+    rows: int = 0
+    candidates: int = 0
+    candidates_max: int = 0
+    redone: int = 0
+
+    def add(self, counts: np.ndarray, redone: int) -> None:
+        self.rows += len(counts)
+        self.candidates += int(counts.sum())
+        self.candidates_max = max(self.candidates_max, int(counts.max(initial=0)))
+        self.redone += redone
+
+    def summary(self) -> dict:
+        return {"rows": self.rows,
+                "candidates_per_row": round(self.candidates / max(1, self.rows), 2),
+                "candidates_max": self.candidates_max, "rows_redone": self.redone,
+                "rows_redone_share": round(self.redone / max(1, self.rows), 4)}
+
+    def describe(self) -> str:
+        summary = self.summary()
+        return (f"{summary['candidates_per_row']:.1f} candidates per row (max "
+                f"{summary['candidates_max']}), {self.redone} of {self.rows} rows redone")
+
+
 @dataclass(frozen=True)
 class Backend:
     """Where and in which precision the fast products run.
 
     `extra`: candidates kept beyond k per row before the margin test (more: fewer rows redone
-    with all their scores, a slightly larger top-k selection).
+    with all their scores, a slightly larger top-k selection). `stats` counts what the searches
+    on this backend cost (`SearchStats`).
     """
 
     device: str = "cpu"
     precision: str = "float32"
     extra: int = 8
+    stats: SearchStats = field(default_factory=SearchStats, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -84,8 +116,12 @@ class Backend:
 
 def select_backend(device: str = "auto", precision: str = "auto") -> Backend:
     """The backend for this machine: `device` auto|cpu|cuda, `precision` auto|float32|bfloat16|
-    float16. auto: float16 on a GPU, bfloat16 on a CPU with native bfloat16, else float32.
-    float16 on a CPU is refused (CPUs emulate it: about 11 GFLOP/s on a 2-core AVX2 CPU)."""
+    float16. auto: float16 on a GPU, float32 on any CPU. bfloat16, which a CPU with AMX or
+    AVX-512 BF16 multiplies 3.5–4× as fast as float32, only when asked for: its wider margin
+    (inputs and output rounded at 2^-8) lets so many candidates through on clustered features
+    that the exact re-scoring costs more than the product saves (README, "Exact retrieval",
+    from `glr bench retrieve --precision`). float16 on a CPU is refused (CPUs emulate it:
+    about 11 GFLOP/s on a 2-core AVX2 CPU)."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     if precision not in ("auto", *PRECISIONS):
@@ -96,8 +132,7 @@ def select_backend(device: str = "auto", precision: str = "auto") -> Backend:
     if device == "cuda" and not gpu_available():
         raise RuntimeError("retrieval on cuda was asked for, but torch sees no CUDA GPU")
     if precision == "auto":
-        precision = ("float16" if device == "cuda"
-                     else "bfloat16" if cpu_has_fast_bf16() else "float32")
+        precision = "float16" if device == "cuda" else "float32"
     if device == "cpu" and precision == "float16":
         raise ValueError("float16 products on a CPU are emulated and very slow; use float32, "
                          "or bfloat16 on a CPU with AMX / AVX-512 BF16")
@@ -359,12 +394,15 @@ def _block_top_k(queries: _QuerySet, block: _Block, k: int, backend: Backend
         threshold = (values[:, k - 1].double() - margin).float()
         # float32 threshold rounded down so that no candidate is lost to its rounding
         threshold = torch.nextafter(threshold, torch.full_like(threshold, -math.inf))
-        if full is not None and k == 1 and num_cols > 1:  # the max path: a second candidate?
-            overflow = (full.float() >= threshold[:, None]).sum(dim=1) > 1
-        elif keep < num_cols:
-            overflow = values[:, keep - 1] >= threshold
+        # candidates of each row: its fast scores at or above the threshold (an overflowing
+        # row's count comes from its full row in _redo_overflow)
+        if full is not None and k == 1:  # the max path: a second candidate?
+            counts = (full.float() >= threshold[:, None]).sum(dim=1)
+            overflow = counts > 1
         else:
-            overflow = torch.zeros(len(values), dtype=torch.bool, device=values.device)
+            counts = (values >= threshold[:, None]).sum(dim=1)
+            overflow = (values[:, keep - 1] >= threshold if keep < num_cols
+                        else torch.zeros(len(values), dtype=torch.bool, device=values.device))
         row_ids = torch.arange(rows.start, rows.stop, device=device)
         fits = ~overflow
         scores, ids = _rescore_top_k(queries, row_ids[fits.to(device)], block,
@@ -373,20 +411,23 @@ def _block_top_k(queries: _QuerySet, block: _Block, k: int, backend: Backend
         out_scores[rows.start + local_fits] = scores.cpu().numpy()
         out_ids[rows.start + local_fits] = ids.cpu().numpy()
         over_rows = torch.nonzero(overflow).ravel()
+        counts = counts.cpu().numpy()
         if len(over_rows):
-            over_scores, over_ids = _redo_overflow(queries, rows.start, over_rows, block, full,
-                                                   threshold[over_rows], k)
+            over_scores, over_ids, over_counts = _redo_overflow(
+                queries, rows.start, over_rows, block, full, threshold[over_rows], k)
             local = over_rows.cpu().numpy()
             out_scores[rows.start + local] = over_scores
             out_ids[rows.start + local] = over_ids
+            counts[local] = over_counts
+        backend.stats.add(counts, len(over_rows))
     return out_scores, out_ids
 
 
 def _redo_overflow(queries: _QuerySet, first_row: int, over_rows: torch.Tensor, block: _Block,
                    full: torch.Tensor | None, thresholds: torch.Tensor, k: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows with more candidates than the kernel returned: all their columns above the
-    threshold, from their full fast-score rows."""
+    threshold, from their full fast-score rows; (scores, ids, candidates per row)."""
     device = block.stored.device
     if full is None:  # faiss: the rows' float32 scores again, with numpy's sgemm
         rows = first_row + over_rows.numpy()
@@ -394,13 +435,13 @@ def _redo_overflow(queries: _QuerySet, first_row: int, over_rows: torch.Tensor, 
     else:
         full = full[over_rows.to(full.device)]
     thresholds = thresholds.to(full.device)
-    width = int((full.float() >= thresholds[:, None]).sum(dim=1).max())
-    width = max(width, k)
+    counts = (full.float() >= thresholds[:, None]).sum(dim=1)
+    width = max(int(counts.max()), k)
     _, cand = full.topk(width, dim=1)
     row_ids = (first_row + over_rows).to(device)
     log.debug("%d rows re-scored with %d candidates each", len(row_ids), width)
     scores, ids = _rescore_top_k(queries, row_ids, block, cand.to(device), k)
-    return scores.cpu().numpy(), ids.cpu().numpy()
+    return scores.cpu().numpy(), ids.cpu().numpy(), counts.cpu().numpy()
 
 
 def _check_inputs(query_sets: Sequence[tuple[np.ndarray, int]], database: np.ndarray,

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 BACKBONE = "resnet18"  # any valid backbone name: the folder the features lie in
 GLDV2 = {"queries": 1_129, "index": 761_757, "references": 4_900_000, "backbones": 4}
+PRECISIONS = ("float32", "bfloat16", "float16")
 TARGETS = {"speedup": 3.0, "identical_rows": 0.99, "floor_ratio": 1.5, "rss_over_refs_gb": 2.0}
 
 
@@ -122,8 +123,9 @@ def _peak_rss_bytes() -> int:
 
 
 def _run_ours(features_dir: str, out_dir: str, backbones: list[str], block_rows: int,
-              result: dict) -> None:
-    """Child process: the retrieve stage; its time, peak RSS and the rerank's top-100."""
+              precision: str, result: dict) -> None:
+    """Child process: the retrieve stage; its time, peak RSS, search counts and the rerank's
+    top-100."""
     import pyarrow.parquet as pq
 
     from glr import retrieve, search
@@ -132,15 +134,17 @@ def _run_ours(features_dir: str, out_dir: str, backbones: list[str], block_rows:
     recipe = {f"{name}-p1": {"backbone": name, "phase": "p1", "init": "pretrained"}
               for name in backbones}
     params = parse_params({"model": {"backbones": backbones}, "train": {"recipe": recipe},
-                           "retrieve": {"block_rows": block_rows}})
+                           "retrieve": {"block_rows": block_rows, "precision": precision}})
     baseline = _peak_rss_bytes()
+    stats: dict = {}
     start = time.perf_counter()
-    rankings = retrieve.main(params, Path(features_dir), Path(out_dir))
+    rankings = retrieve.main(params, Path(features_dir), Path(out_dir), stats=stats)
     seconds = time.perf_counter() - start
     result["seconds"] = seconds
     result["peak_rss_bytes"] = _peak_rss_bytes()
     result["baseline_rss_bytes"] = baseline
-    result["backend"] = search.select_backend().name
+    result["backend"] = search.select_backend(precision=precision).name
+    result["search"] = stats[backbones[0]]
     first = Path(features_dir) / backbones[0]
     index_ids = pq.read_table(first / "index.parquet").column("id").to_pylist()
     position = {name: row for row, name in enumerate(index_ids)}
@@ -188,9 +192,18 @@ def distinct_first_level(features_dir: Path, k_neighbors: int = 30) -> int:
     return len(np.unique(first))
 
 
+def timed_precisions(precisions: list[str]) -> list[str]:
+    """The precisions the stage is timed in on this machine: float32, and bfloat16 where the
+    CPU computes it natively (emulated, its time says nothing; float16 is a GPU's)."""
+    from glr.runtime import cpu_has_fast_bf16
+
+    return [p for p in precisions if p == "float32" or (p == "bfloat16" and cpu_has_fast_bf16())]
+
+
 def compare(num_refs: int, *, num_queries: int, num_index: int, dim: int, sample: int,
-            workdir: Path, rates: dict, seed: int = 0) -> dict:
-    """Ours against the authors' at one reference count."""
+            workdir: Path, rates: dict, precisions: list[str] = ("float32",),
+            seed: int = 0) -> dict:
+    """Ours (in each of `precisions`) against the authors' at one reference count."""
     from glr.bench.authors_retrieval import write_clustered_features
 
     folder = workdir / f"refs-{num_refs}"
@@ -201,9 +214,13 @@ def compare(num_refs: int, *, num_queries: int, num_index: int, dim: int, sample
                              num_index=num_index, num_refs=num_refs, dim=dim,
                              num_landmarks=max(1, num_refs // 10), num_countries=200,
                              seed=seed)
-    log.info("ours: glr.retrieve.main")
-    ours = _in_child(_run_ours, str(features_dir), str(folder / "retrieval"), [BACKBONE],
-                     262_144)
+    runs = {}
+    for precision in precisions:
+        log.info("ours: glr.retrieve.main, retrieve.precision %s", precision)
+        runs[precision] = _in_child(_run_ours, str(features_dir),
+                                    str(folder / f"retrieval-{precision}"), [BACKBONE], 262_144,
+                                    precision)
+    ours = runs[precisions[0]]
     rows = np.random.default_rng(seed).choice(num_queries, size=min(sample, num_queries),
                                               replace=False)
     rows = sorted(int(r) for r in rows)
@@ -213,6 +230,10 @@ def compare(num_refs: int, *, num_queries: int, num_index: int, dim: int, sample
     scale = num_queries / len(rows)
     authors_seconds = (times["reference_load_s"] + times["index_tagging_s"]
                        + scale * (times["per_query_s"] + times["scoring_s"]))
+    for precision, run in runs.items():  # every precision ranks the same (exact scores)
+        if run["top_ids"] != ours["top_ids"]:
+            raise RuntimeError(f"retrieve.precision {precision} ranked differently from "
+                               f"{precisions[0]}")
     ours_top = np.asarray(ours["top_ids"])[rows]
     identical = float(np.mean([a == b for a, b in zip(ours_top.tolist(), theirs["top_ids"],
                                                        strict=True)]))
@@ -225,6 +246,10 @@ def compare(num_refs: int, *, num_queries: int, num_index: int, dim: int, sample
     return {
         "references": num_refs, "queries": num_queries, "index": num_index, "dim": dim,
         "ours_s": round(ours["seconds"], 2), "ours_backend": ours["backend"],
+        "precisions": {precision: {"backend": run["backend"], "seconds": round(run["seconds"], 2),
+                                   "speedup": round(authors_seconds / run["seconds"], 2),
+                                   **run["search"]}
+                       for precision, run in runs.items()},
         "authors_s": round(authors_seconds, 2),
         "authors_parts_s": {name: round(value, 2) for name, value in times.items()},
         "authors_queries_timed": len(rows), "authors_query_scale": round(scale, 3),
@@ -238,6 +263,39 @@ def compare(num_refs: int, *, num_queries: int, num_index: int, dim: int, sample
         "reference_gb": round(ref_bytes / 2**30, 3),
         "rss_over_references_gb": round((ours["peak_rss_bytes"] - ref_bytes) / 2**30, 3),
     }
+
+
+def accounting(workdir: Path, precisions: list[str], *, queries: int, index: int,
+               references: int, dim: int = 512, seed: int = 0) -> dict:
+    """Candidates per row and rows redone of the reference searches (both passes of
+    `rerank.reference_neighbors`, k 1 and 30) in each precision on the same clustered
+    features, at a shape small enough for the emulated products (float16 on a CPU, bfloat16
+    without native support): the counts depend on the margin and the data, not on the
+    kernel's speed. Seconds are reported, but mean something only for native kernels."""
+    from glr import rerank, search
+    from glr.bench.authors_retrieval import write_clustered_features
+    from glr.retrieve import load_features
+    from glr.runtime import cpu_has_fast_bf16
+
+    folder = workdir / "accounting"
+    write_clustered_features(folder / BACKBONE, num_queries=queries, num_index=index,
+                             num_refs=references, dim=dim,
+                             num_landmarks=max(1, references // 10), num_countries=200,
+                             seed=seed)
+    features = load_features(folder / BACKBONE)
+    counts = {}
+    for precision in precisions:
+        backend = search.Backend("cpu", precision)
+        start = time.perf_counter()
+        rerank.reference_neighbors(features.query, features.index, features.ref, 30,
+                                   backend=backend)
+        native = precision == "float32" or (precision == "bfloat16" and cpu_has_fast_bf16())
+        counts[precision] = {**backend.stats.summary(),
+                             "seconds": round(time.perf_counter() - start, 2),
+                             "kernel": "native" if native else "emulated"}
+        log.info("accounting, %s: %s", precision, backend.stats.describe())
+    return {"shape": {"queries": queries, "index": index, "references": references,
+                      "dim": dim}, "precisions": counts}
 
 
 def memory_check(workdir: Path, *, index: int, references: int, dim: int = 512,
@@ -254,7 +312,7 @@ def memory_check(workdir: Path, *, index: int, references: int, dim: int = 512,
                                  seed=seed + offset)  # the ids are the same for every seed
     block_rows = 262_144
     run = _in_child(_run_ours, str(folder / "features"), str(folder / "retrieval"), names,
-                    block_rows)
+                    block_rows, "auto")
     model = memory_model(queries, index, dim, min(block_rows, references), backbones)
     measured = run["peak_rss_bytes"] - run["baseline_rss_bytes"]
     refs_mapped = references * dim * 2  # the last backbone's mapped references, at most
@@ -278,23 +336,34 @@ def memory_check(workdir: Path, *, index: int, references: int, dim: int = 512,
 def main(out: Path, references: list[int], *, queries: int = 200, index: int = 20_000,
          dim: int = 512, sample: int = 20, memory_index: int = 190_000,
          memory_references: int = 10_000, memory_queries: int = GLDV2["queries"],
-         workdir: Path | None = None) -> dict:
-    """Run every comparison and the memory check; write `out`."""
+         workdir: Path | None = None, precisions: list[str] = PRECISIONS,
+         accounting_shape: tuple[int, int, int] = (200, 2_000, 20_000)) -> dict:
+    """Run every comparison, the accounting per precision and the memory check; write
+    `out`."""
     with tempfile.TemporaryDirectory(prefix="glr-bench-retrieve-") as scratch:
         base = Path(workdir) if workdir else Path(scratch)
         base.mkdir(parents=True, exist_ok=True)
         rates = gemm_rates(dim)
         log.info("GEMM rates (GFLOP/s): %s", rates)
+        timed = timed_precisions(list(precisions)) or ["float32"]
         sizes = [compare(n, num_queries=queries, num_index=index, dim=dim, sample=sample,
-                         workdir=base, rates=rates) for n in references]
+                         workdir=base, rates=rates, precisions=timed) for n in references]
+        counts = (accounting(base, list(precisions), queries=accounting_shape[0],
+                             index=accounting_shape[1], references=accounting_shape[2],
+                             dim=dim) if accounting_shape[2] else None)
         memory = (memory_check(base, index=memory_index, references=memory_references, dim=dim,
                                queries=memory_queries) if memory_index else None)
     report = {"benchmark": "retrieve", "machine": machine(), "gemm_gflops": rates,
-              "targets": TARGETS, "sizes": sizes, "memory": memory}
+              "targets": TARGETS, "sizes": sizes, "accounting": counts, "memory": memory}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     for size in sizes:
+        for precision, run in size["precisions"].items():
+            log.info("%d references, %s: %.1f s (%.2f× the authors'), %.1f candidates per "
+                     "row (max %d), %d of %d rows redone", size["references"], precision,
+                     run["seconds"], run["speedup"], run["candidates_per_row"],
+                     run["candidates_max"], run["rows_redone"], run["rows"])
         log.info("%d references: ours %.1f s, authors' %.1f s (%.2f×), floor %.1f s "
                  "(ours %.2f× it), identical rows %.1f%%, peak RSS %.2f GB (refs %.2f GB)",
                  size["references"], size["ours_s"], size["authors_s"], size["speedup"],
