@@ -26,7 +26,7 @@ def setup(small_pipeline, small_shards, tmp_path_factory):
     shard_dir = small_shards
     params = parse_params({
         "data": dataclasses.asdict(base_params.data),
-        "model": {"backbones": ["resnet10t"], "size": 32, "embedding_dim": 16},
+        "model": {"pretrained": False, "backbones": ["resnet10t"], "size": 32, "embedding_dim": 16},
         "train": {"phases": {"p1": {}},
                   "recipe": {"resnet10t-p1": {"backbone": "resnet10t", "phase": "p1"}}},
         "extract": {"batch": 8, "workers": 0},

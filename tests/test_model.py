@@ -1000,7 +1000,7 @@ def test_unknown_backbone_is_a_params_error_with_close_matches() -> None:
         create_backbone("seresnet101_ibn")
     with pytest.raises(ParamsError, match=r"^model\.backbones\[1\]: unknown backbone "
                                           r"'ConvNeXt_Tiny', .*close matches: convnext_tiny\b"):
-        parse_params({"model": {"backbones": ["resnet18", "ConvNeXt_Tiny"]}})
+        parse_params({"model": {"pretrained": False, "backbones": ["resnet18", "ConvNeXt_Tiny"]}})
     with pytest.raises(ParamsError, match=r"close matches: .*convnext_tiny\.fb_in22k\b"):
         create_backbone("convnext_tiny.fb_in22")
 
@@ -1012,7 +1012,7 @@ def test_any_timm_name_passes_params() -> None:
     recipe = {}
     for name in names:
         recipe[f"{name}-p1"] = {"backbone": name, "phase": "p1", "init": "pretrained"}
-    params = parse_params({"model": {"backbones": names},
+    params = parse_params({"model": {"pretrained": False, "backbones": names},
                            "train": {"phases": {"p1": {}}, "recipe": recipe}})
     assert params.model.backbones == names
 

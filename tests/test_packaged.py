@@ -120,3 +120,19 @@ def test_init_starts_the_backbone_from_the_package(tmp_path):
     for name, tensor in reference.state_dict().items():
         if not name.startswith("classifier."):
             assert torch.equal(saved[f"backbone.{name}"], tensor), name
+
+
+def test_a_gldv2_recipe_takes_the_packaged_weights_as_the_default_does():
+    """The same params value in the quick GLDv2 recipe: its backbone swapped for
+    efficientnet_lite0, `pretrained_source: package` loads with the recipe's phases."""
+    from pathlib import Path
+
+    raw = yaml.safe_load((Path(__file__).parents[1] / "recipes/gldv2-r50-256.yaml").read_text())
+    old = raw["model"]["backbones"][0]
+    raw["model"].update(backbones=["efficientnet_lite0"], pretrained_source="package")
+    raw["train"]["recipe"] = {key.replace(old, "efficientnet_lite0"):
+                              dict(entry, backbone="efficientnet_lite0")
+                              for key, entry in raw["train"]["recipe"].items()}
+    params = parse_params(raw)
+    assert params.model.pretrained and params.model.pretrained_source == "package"
+    assert [plan.name for plan in params.plan("efficientnet_lite0")] == ["p1", "p2"]

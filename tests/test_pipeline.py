@@ -21,6 +21,15 @@ import yaml
 pytestmark = pytest.mark.slow  # minutes: `pytest -m "not slow"` skips it
 
 REPO = Path(__file__).resolve().parents[1]
+# The embedded default's backbone, its phases and its model's artifact name, from the repository
+_DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
+B = _DEFAULT["model"]["backbones"][0]
+PHASES = [entry["phase"] for entry in _DEFAULT["train"]["recipe"].values()
+          if entry["backbone"] == B]
+FIRST, LAST = PHASES[0], PHASES[-1]
+(ARTIFACT,) = [name for name, artifact in
+               yaml.safe_load((REPO / "dvc.yaml").read_text())["artifacts"].items()
+               if artifact["path"] == f"models/{B}/{LAST}"]
 SMALL = {"clean_landmarks": 6, "extra_landmarks": 4, "test_landmarks": 4,
          "distractor_landmarks": 4, "ignored_queries": 3, "clean_images": [2, 4],
          "extra_images": [2, 3], "index_images": [2, 3], "image_width": 64, "image_height": 48}
@@ -98,7 +107,7 @@ def reproduced_repo(fresh_repo) -> Path:
         run = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=fresh_repo, env=env,
                                stdout=log_file, stderr=subprocess.STDOUT,
                                start_new_session=True)
-    started = fresh_repo / "runs/resnet18/p1/tensorboard"
+    started = fresh_repo / f"runs/{B}/{FIRST}/tensorboard"
     deadline = time.monotonic() + 600
     while not started.exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -119,9 +128,9 @@ def test_a_killed_dvc_repro_leaves_nothing_running_and_the_next_one_goes_on(repr
     assert KILLED["left_running"] == "[]"
     second = KILLED["second_run"]
     # The stages that had finished are not run again; the killed one and the rest are.
-    for stage in ("synth", "prepare", "shard", "init@resnet18"):
+    for stage in ("synth", "prepare", "shard", f"init@{B}"):
         assert f"Stage '{stage}' didn't change, skipping" in second, second
-    assert "Running stage 'train@resnet18-p1'" in second
+    assert f"Running stage 'train@{B}-{FIRST}'" in second
     assert "Running stage 'evaluate'" in second
 
 
@@ -138,17 +147,17 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(reproduced_repo):
     assert (fresh_repo / "data/prepared/all.parquet").is_file()
     evaluation = next(iter(shown.values()))["data"]["metrics/evaluate/metrics.json"]["data"]
     # one backbone: no ensemble variants, which would repeat its rankings
-    assert {key for key, value in evaluation.items() if isinstance(value, dict)} == {"resnet18"}
-    assert set(evaluation["resnet18"]) == {"plain", "rerank"}
-    assert evaluation["map100"] == evaluation["resnet18"]["rerank"]["map100"]
+    assert {key for key, value in evaluation.items() if isinstance(value, dict)} == {B}
+    assert set(evaluation[B]) == {"plain", "rerank"}
+    assert evaluation["map100"] == evaluation[B]["rerank"]["map100"]
     assert 0.0 < evaluation["map100"] <= 1.0 and evaluation["contaminated"] is False
-    training = next(iter(shown.values()))["data"]["metrics/train/resnet18/p2/metrics.json"]
-    assert training["data"]["resnet18"]["p2"]["epoch"] == 2
+    training = next(iter(shown.values()))["data"][f"metrics/train/{B}/{LAST}/metrics.json"]
+    assert training["data"][B][LAST]["epoch"] == 2
     assert evaluation["queries"] == truth["val_queries"]["total"]
     submission = (fresh_repo / "data/retrieval/submission.csv").read_text().splitlines()
     assert submission[0] == "id,images" and len(submission) == 1 + truth["val_queries"]["total"]
-    assert (fresh_repo / "models/resnet18/p2/model.safetensors").is_file()
-    assert (fresh_repo / "data/features/resnet18/ref.npy").is_file()
+    assert (fresh_repo / f"models/{B}/{LAST}/model.safetensors").is_file()
+    assert (fresh_repo / f"data/features/{B}/ref.npy").is_file()
     from PIL import Image
 
     from glr import visualize
@@ -175,8 +184,8 @@ def test_glr_query_finds_the_landmarks_of_test_photos(reproduced_repo):
 
     repo = reproduced_repo
     root = repo / "data/mini-gldv2"
-    ranking = pq.read_table(repo / "data/retrieval/topk/resnet18-rerank.parquet").to_pydict()
-    votes = pd.read_parquet(repo / "data/retrieval/tags/resnet18-queries.parquet")
+    ranking = pq.read_table(repo / f"data/retrieval/topk/{B}-rerank.parquet").to_pydict()
+    votes = pd.read_parquet(repo / f"data/retrieval/tags/{B}-queries.parquet")
     votes = dict(zip(votes["id"], zip(votes["labels"], votes["label_weights"], strict=True),
                      strict=True))
     solution = metric.read_solution_csv(root / "test/retrieval_solution_v2.1.csv")
@@ -209,9 +218,9 @@ def test_glr_query_finds_the_landmarks_of_test_photos(reproduced_repo):
 
 def test_dvc_dag_shows_the_stages(fresh_repo):
     dag = _dvc("dag", "--md", cwd=fresh_repo)
-    for stage in ("synth", "prepare", "shard", "init@resnet18", "train@resnet18-p1",
-                  "train@resnet18-p2", "extract@resnet18", "retrieve", "evaluate",
-                  "visualize"):
+    for stage in ("synth", "prepare", "shard", f"init@{B}",
+                  *(f"train@{B}-{phase}" for phase in PHASES), f"extract@{B}", "retrieve",
+                  "evaluate", "visualize"):
         assert stage in dag
 
 
@@ -251,8 +260,8 @@ def test_artifacts_survive_a_dvc_remote(reproduced_repo, tmp_path):
     uncached = sorted(path for path in outs if path.startswith("metrics/"))
     cached = sorted(path for path in outs if path not in uncached)
     assert "metrics/evaluate/metrics.json" in uncached
-    assert {"data/shards/train", "data/shards/eval", "data/features/resnet18",
-            "models/resnet18/p2"} <= set(cached)
+    assert {"data/shards/train", "data/shards/eval", f"data/features/{B}",
+            f"models/{B}/{LAST}"} <= set(cached)
     assert _git("ls-files", *uncached, cwd=origin).split() == sorted(_sha256s(origin, uncached))
 
     # The remote goes into the committed .dvc/config, so that every clone sees it.
@@ -290,13 +299,13 @@ def test_artifacts_survive_a_dvc_remote(reproduced_repo, tmp_path):
     shards = sorted(name for name in pulled if name.endswith(".tar"))
     assert any(name.startswith("data/shards/train/") for name in shards)
     assert any(name.startswith("data/shards/eval/") for name in shards)
-    for name in ("data/features/resnet18/ref.npy", "data/features/resnet18/query.npy",
-                 "models/resnet18/p2/model.safetensors", "data/retrieval/submission.csv",
+    for name in (f"data/features/{B}/ref.npy", f"data/features/{B}/query.npy",
+                 f"models/{B}/{LAST}/model.safetensors", "data/retrieval/submission.csv",
                  shards[0], shards[-1]):
         assert name in pulled and pulled[name] == original[name], name
     # cache.type = reflink,hardlink,symlink: a hardlinked output is the cache object itself,
     # so it must be read-only (an edit in place would corrupt the cache).
-    ref = clone / "data/features/resnet18/ref.npy"
+    ref = clone / f"data/features/{B}/ref.npy"
     if not ref.is_symlink() and ref.stat().st_nlink > 1:
         digest = hashlib.md5(ref.read_bytes()).hexdigest()
         assert ref.samefile(clone / ".dvc/cache/files/md5" / digest[:2] / digest[2:])
@@ -305,7 +314,7 @@ def test_artifacts_survive_a_dvc_remote(reproduced_repo, tmp_path):
     metrics = sorted(path.relative_to(origin / "metrics").as_posix()
                      for path in (origin / "metrics").rglob("*.json"))
     assert {"prepare.json", "shard.json", "evaluate/metrics.json",
-            "train/resnet18/p1/metrics.json"} <= set(metrics)
+            f"train/{B}/{FIRST}/metrics.json"} <= set(metrics)
     for name in metrics:
         assert (clone / "metrics" / name).read_bytes() == (origin / "metrics" / name).read_bytes()
     assert (json.loads(_dvc("metrics", "show", "--json", cwd=clone))
@@ -327,7 +336,7 @@ def _gto(*args: str, cwd: Path) -> str:
 
 def test_a_gto_registered_artifact_is_got_by_name(reproduced_repo, tmp_path):
     """The README's artifact flow after `dvc repro`: commit the run's dvc.lock and metrics,
-    `gto register resnet18`, `dvc artifacts get . resnet18 -o model`. The fixture's HEAD is the
+    `gto register NAME`, `dvc artifacts get . NAME -o model`. The fixture's HEAD is the
     pre-repro commit, whose dvc.lock names other model bytes than this run's, as on any machine
     but the one that made the committed outputs: GTO tags a commit, and `dvc artifacts get`
     reads the model's hash from that commit's dvc.lock, so the commit comes first."""
@@ -336,24 +345,24 @@ def test_a_gto_registered_artifact_is_got_by_name(reproduced_repo, tmp_path):
     assert _git("status", "--porcelain", cwd=repo) == ""
     assert _git("show", "HEAD:dvc.lock", cwd=repo) == (repo / "dvc.lock").read_text()
 
-    said = _gto("register", "resnet18", cwd=repo)
-    assert "Created git tag 'resnet18@v0.0.1'" in said, said
-    assert _git("tag", "--list", "resnet18@*", cwd=repo).split() == ["resnet18@v0.0.1"]
-    assert (_git("rev-parse", "resnet18@v0.0.1^{commit}", cwd=repo)
+    said = _gto("register", ARTIFACT, cwd=repo)
+    assert f"Created git tag '{ARTIFACT}@v0.0.1'" in said, said
+    assert _git("tag", "--list", f"{ARTIFACT}@*", cwd=repo).split() == [f"{ARTIFACT}@v0.0.1"]
+    assert (_git("rev-parse", f"{ARTIFACT}@v0.0.1^{{commit}}", cwd=repo)
             == _git("rev-parse", "HEAD", cwd=repo))
-    assert _git("cat-file", "-t", "resnet18@v0.0.1", cwd=repo).strip() == "tag"  # annotated
+    assert _git("cat-file", "-t", f"{ARTIFACT}@v0.0.1", cwd=repo).strip() == "tag"  # annotated
 
     model = tmp_path / "model"
-    said = _dvc("artifacts", "get", ".", "resnet18", "-o", str(model), cwd=repo)
+    said = _dvc("artifacts", "get", ".", ARTIFACT, "-o", str(model), cwd=repo)
     assert "Downloaded 2 file(s)" in said, said
     got = sorted(path.name for path in model.rglob("*"))
-    assert got == sorted(path.name for path in (repo / "models/resnet18/p2").rglob("*"))
+    assert got == sorted(path.name for path in (repo / f"models/{B}/{LAST}").rglob("*"))
     assert got == ["config.json", "model.safetensors"]
     for name in got:
-        assert (model / name).read_bytes() == (repo / "models/resnet18/p2" / name).read_bytes()
+        assert (model / name).read_bytes() == (repo / f"models/{B}/{LAST}" / name).read_bytes()
     from glr.model.folder import load_model
     net, config = load_model(model)
-    assert config["model"]["backbone"] == "resnet18" and config["phase"] == "p2"
+    assert config["model"]["backbone"] == B and config["phase"] == LAST
     assert sum(parameter.numel() for parameter in net.parameters()) > 0
     # A tag and a download outside the repository: the workspace stays clean for the others.
     assert _git("status", "--porcelain", cwd=repo) == ""
@@ -379,7 +388,7 @@ def test_a_rejected_params_value_deletes_no_output(reproduced_repo):
     repo = reproduced_repo
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     outs = sorted({out["path"] for stage in lock["stages"].values() for out in stage["outs"]})
-    assert {"models/resnet18/p1", "metrics/train/resnet18/p1/metrics.json", "data/retrieval",
+    assert {f"models/{B}/{FIRST}", f"metrics/train/{B}/{FIRST}/metrics.json", "data/retrieval",
             "data/params.checked"} <= set(outs)
     before = _sha256s(repo, ["data", "models", "metrics"])
     params = (repo / "params.yaml").read_bytes()

@@ -78,5 +78,6 @@ def test_plan_prints_a_table_with_every_column(capsys):
     assert cli.main(["plan", "--params", str(REPO / "params.yaml")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["backbone", "phase", *COLUMNS]
-    assert [line.split()[:2] for line in lines[1:]] == [["resnet18", "p1"], ["resnet18", "p2"]]
+    assert [line.split()[:2] for line in lines[1:]] == [["efficientnet_lite0", "p1"],
+                                                        ["efficientnet_lite0", "p2"]]
     assert lines[2].split()[-1] == "p1" and lines[1].split()[-1] == "pretrained"

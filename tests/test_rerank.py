@@ -570,7 +570,8 @@ def test_retrieve_main_ensembles_several_backbones(tmp_path):
                                  seed=seed)
     recipe = {f"{name}-p1": {"backbone": name, "phase": "p1", "init": "pretrained"}
               for name in names}
-    params = parse_params({"model": {"backbones": names}, "train": {"recipe": recipe},
+    params = parse_params({"model": {"pretrained": False, "backbones": names},
+                           "train": {"recipe": recipe},
                            "retrieve": {"weights": weights, "k": 10, "k_neighbors": 8}})
     rankings = retrieve.main(params, tmp_path / "features", tmp_path / "retrieval")
     assert set(rankings) == {f"{n}-{v}" for n in [*names, "ensemble"] for v in ("plain",

