@@ -91,7 +91,7 @@ def unreachable_hub(monkeypatch, hub_cache):
 
 def write_params(path: Path, **model) -> Path:
     raw = {"model": {"backbones": [BACKBONE], "size": 32, "embedding_dim": 16,
-                     "pretrained": True, **model},
+                     "pretrained": True, "pretrained_source": "timm", **model},
            "train": {"phases": {"p1": {}},
                      "recipe": {f"{BACKBONE}-p1": {"backbone": BACKBONE, "phase": "p1"}}}}
     path.write_text(yaml.safe_dump(raw))

@@ -512,7 +512,7 @@ def test_recipes_load_and_their_models_run(recipe):
 
 def test_repo_params_phases_chain():
     params = load_params(REPO / "params.yaml")
-    plan = params.plan("resnet18")
+    plan = params.plan(params.model.backbones[0])
     assert [(p.name, p.init.folder) for p in plan] == [("p1", "pretrained"), ("p2", "p1")]
     assert plan[1].settings.sampler == "continent"
 
