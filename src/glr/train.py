@@ -205,11 +205,20 @@ def plan_phase(params: Params, backbone: str, phase_name: str, shard_dir: Path,
                      run_dir=Path(runs_dir) / backbone / phase_name)
 
 
+# The code a training run's result depends on: the loop, its params and runtime, the model,
+# the loader and the shard reader the loader calls (tests/test_train.py checks that every glr
+# module these import is here, or only draws progress bars). The train stages in dvc.yaml
+# depend on the same files.
+DIGEST_MODULES = ("train.py", "params.py", "runtime.py", "shards.py", "model", "data")
+
+
 def code_digest() -> str:
-    """sha256 of the code a training run depends on (the loop, the model, the loader)."""
+    """sha256 of the code a training run depends on (`DIGEST_MODULES`)."""
     package = Path(__file__).parent
-    files = [package / "train.py", package / "params.py", package / "runtime.py",
-             *sorted((package / "model").glob("*.py")), *sorted((package / "data").glob("*.py"))]
+    files = []
+    for name in DIGEST_MODULES:
+        path = package / name
+        files += sorted(path.glob("*.py")) if path.is_dir() else [path]
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.read_bytes())
