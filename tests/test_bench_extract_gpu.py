@@ -82,6 +82,10 @@ def test_bench_gpu_dry_run_measures_every_part(tmp_path: Path):
             sizes.references / retrieval["seconds"], rel=2e-3)
         assert retrieval["shapes"] == {"index_nearest": [sizes.index],
                                        "query_neighbors": [sizes.queries, sizes.k_neighbors]}
+        # both passes: the queries and index rows, then the distinct first-level neighbours
+        search = retrieval["search"]
+        assert search["rows"] >= sizes.queries + sizes.index
+        assert search["candidates_per_row"] >= 1 and 0 <= search["rows_redone_share"] <= 1
     else:  # the API is being written elsewhere: the part says so instead of failing
         assert retrieval["status"] == "not available" and retrieval["reason"]
     assert all(result[part]["wall_s"] >= 0 for part in ("training", "extraction", "retrieval",

@@ -17,7 +17,8 @@ recipe's size; see `glr.bench.extract.make_shards`):
     loop against the model alone, with the recipe's backbone, size and extraction batch.
 (c) retrieval at GLDv2 scale: `glr.rerank.reference_neighbors` for 1,129 queries and a
     50,000-image index against 1,000,000 references (random unit-norm float16 rows of 512),
-    k = 30, on `glr.search.select_backend(device="cuda")`. Reported as not available when
+    k = 30, on `glr.search.select_backend(device="cuda")`, with its candidates per row and
+    rows redone (`glr.search.SearchStats`). Reported as not available when
     that API is missing (it is imported only here).
 
 (d) with `--gpus N` (default: every visible GPU; 1 skips it): the steps of (a) under torchrun,
@@ -218,13 +219,16 @@ def time_retrieval(sizes: Sizes, device: torch.device) -> dict:
     seconds = time.perf_counter() - start
     shapes = {name: list(np.shape(getattr(result, name)))
               for name in ("index_nearest", "query_neighbors")}
-    log.info("retrieval: %.2f s (%.0f references/s)", seconds, sizes.references / seconds)
+    log.info("retrieval: %.2f s (%.0f references/s); %s", seconds, sizes.references / seconds,
+             backend.stats.describe())
     return {"status": "ok", "backend": backend.name, "queries": sizes.queries,
             "index": sizes.index, "references": sizes.references, "dim": sizes.dim,
             "k_neighbors": sizes.k_neighbors, "seconds": round(seconds, 4),
             # from the reported seconds, so that the two agree (a test recomputes it)
             "references_per_s": round(sizes.references / round(seconds, 4), 1),
-            "shapes": shapes}
+            "shapes": shapes,
+            # candidates per row and rows redone of the exact re-scoring (glr.search)
+            "search": backend.stats.summary()}
 
 
 # --------------------------------------------------------------------------- the command
