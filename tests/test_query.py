@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from glr import query, visualize
-from glr.params import ParamsError, parse_params
+from glr.errors import UserError
+from glr.params import parse_params
 from glr.runtime import precision_name
 
 PARAMS = parse_params({})
@@ -115,17 +116,17 @@ def test_out_must_be_a_file_in_an_existing_folder_with_a_picture_suffix(tmp_path
     query.check_out(tmp_path / "m.png")  # fine: nothing raised, nothing created
     assert list(tmp_path.iterdir()) == []
     missing = tmp_path / "missing" / "dir" / "x.png"
-    with pytest.raises(ParamsError) as error:
+    with pytest.raises(UserError) as error:
         query.check_out(missing)
     assert str(error.value) == (f"--out {missing}: the folder {missing.parent} does not exist; "
                                 "create it first")
     assert not (tmp_path / "missing").exists()
     (tmp_path / "file").write_text("")
-    with pytest.raises(ParamsError, match=r"the folder .*file is not a folder"):
+    with pytest.raises(UserError, match=r"the folder .*file is not a folder"):
         query.check_out(tmp_path / "file" / "x.png")
-    with pytest.raises(ParamsError, match="is a folder; name a file"):
+    with pytest.raises(UserError, match="is a folder; name a file"):
         query.check_out(tmp_path)
-    with pytest.raises(ParamsError, match=r"no picture format for the suffix '\.pgn'"):
+    with pytest.raises(UserError, match=r"no picture format for the suffix '\.pgn'"):
         query.check_out(tmp_path / "m.pgn")
 
 
@@ -245,7 +246,7 @@ def test_the_text_output_says_which_photos_were_not_answered(pipeline, photos, c
 
 
 def test_no_readable_photo_is_an_error_before_any_model_work(pipeline, photos, caplog):
-    with pytest.raises(ParamsError) as error:
+    with pytest.raises(UserError) as error:
         run(pipeline, [photos["empty"], photos["folder"]])
     assert str(error.value) == ("no photo could be read (2 given, each named above with its "
                                 "problem): nothing to search")
@@ -257,7 +258,7 @@ def test_no_readable_photo_is_an_error_before_any_model_work(pipeline, photos, c
 def test_a_missing_out_folder_is_refused_before_the_photos_are_read(pipeline, photos, tmp_path,
                                                                    caplog):
     out = tmp_path / "missing" / "dir" / "x.png"
-    with pytest.raises(ParamsError, match="does not exist; create it first"):
+    with pytest.raises(UserError, match="does not exist; create it first"):
         run(pipeline, [photos["good"]], out_png=out)
     assert pipeline["seen"] == {} and not caplog.records
     assert not (tmp_path / "missing").exists()

@@ -7,10 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from glr.gldv2 import GLDv2FormatError
-from glr.metric import MetricError
-from glr.params import DEFAULT_PARAMS, ParamsError, load_params
-from glr.shards import ShardError
+from glr.errors import UserError
+from glr.params import DEFAULT_PARAMS, load_params
 
 log = logging.getLogger("glr")
 
@@ -95,7 +93,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     from glr import evaluate
 
     if not args.metrics.is_file():
-        raise ParamsError(f"{args.metrics}: no such file; run `dvc repro` (or `glr evaluate`) "
+        raise UserError(f"{args.metrics}: no such file; run `dvc repro` (or `glr evaluate`) "
                           "first")
     print(evaluate.headline(json.loads(args.metrics.read_text()), source=str(args.metrics)))
 
@@ -105,13 +103,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     if args.submission is not None:
         if args.solution is None:
-            raise ParamsError("--submission needs --solution (a GLDv2 solution CSV)")
+            raise UserError("--submission needs --solution (a GLDv2 solution CSV)")
         evaluate.standalone(args.solution, args.submission, args.out)
         return
     params = load_params(args.params)
     solution = args.solution or Path(params.data.root) / "test" / "retrieval_solution_v2.1.csv"
     if args.out is not None:
-        raise ParamsError("--out is the standalone score's file (with --submission); the stage "
+        raise UserError("--out is the standalone score's file (with --submission); the stage "
                           "writes into --live")
     evaluate.main(params, args.retrieval, solution, args.live)
 
@@ -130,7 +128,7 @@ def cmd_query(args: argparse.Namespace) -> None:
     from glr import query
 
     if args.top < 1:
-        raise ParamsError(f"--top must be at least 1, got {args.top}")
+        raise UserError(f"--top must be at least 1, got {args.top}")
     query.main(load_params(args.params), args.photos, top=args.top, models_dir=args.models,
                features_dir=args.features, retrieval_dir=args.retrieval,
                labels_table=args.labels, as_json=args.json, out_png=args.out,
@@ -643,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing
     try:
         args.func(args)
-    except (ParamsError, GLDv2FormatError, ShardError, MetricError) as err:
+    except UserError as err:
         log.error("%s", err)
         return 2
     return 0

@@ -33,6 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from glr.errors import GLDv2FormatError
+
 SPLITS = ("train", "index", "test")
 USAGES = ("Public", "Private", "Ignored")
 CATEGORY_PREFIXES = (
@@ -44,10 +46,6 @@ SPECIAL_CONTINENTS = {"XK": "Europe", "OTHER": "OTHER"}
 SHIPPED_CONTINENTS = Path(__file__).parent / "resources" / "continent_codes.csv"
 NO_COUNTRY = "NONE"  # country and continent of label -1 (non-landmark test images)
 ID_LENGTH = 16
-
-
-class GLDv2FormatError(ValueError):
-    """A GLDv2 file that is missing or malformed; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)

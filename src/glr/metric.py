@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from glr.errors import MetricError
+
 PUBLIC, PRIVATE, IGNORED = "Public", "Private", "Ignored"
 USAGES = (PUBLIC, PRIVATE, IGNORED)
 SCORED_USAGES = (PUBLIC, PRIVATE)
@@ -50,10 +52,6 @@ PRECISION_CUTOFFS = (1, 5, 10)
 NO_IMAGES = "None"
 
 StrPath = str | os.PathLike[str]
-
-
-class MetricError(ValueError):
-    """A solution or submission that cannot be scored (bad file, unknown query id, ...)."""
 
 
 @dataclass(frozen=True)

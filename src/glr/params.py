@@ -26,13 +26,10 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from glr.model.table import BACKBONES, BackboneSpec
+from glr.errors import ParamsError
+from glr.model.table import BACKBONES, BackboneSpec, backbone_problem, has_timm_weights
 
 DEFAULT_PARAMS = Path("params.yaml")
-
-
-class ParamsError(ValueError):
-    """A params file that does not match the schema; the message names the key."""
 
 
 def _spec(default: Any, *, min: float | None = None, max: float | None = None,
@@ -534,11 +531,8 @@ def _check_backbones(model: ModelParams) -> None:
     """Every backbone can be built, and has starting weights when `model.pretrained` asks timm."""
     outside = [(i, name) for i, name in enumerate(model.backbones) if name not in BACKBONES]
     if outside:
-        # timm takes seconds to import: only names outside the table pay for it.
-        from glr.model import backbones as timm_backbones
-
-        for i, name in outside:
-            problem = timm_backbones.backbone_problem(name)
+        for i, name in outside:  # timm is imported for these only
+            problem = backbone_problem(name)
             if problem:
                 raise ParamsError(f"model.backbones[{i}]: {problem}")
     if not model.pretrained or model.weights_dir:
@@ -554,12 +548,7 @@ def _check_backbones(model: ModelParams) -> None:
         return
     for i, name in enumerate(model.backbones):
         spec = BACKBONES.get(name) or BackboneSpec(name)
-        if name in BACKBONES:
-            has_weights = spec.timm_weights
-        else:
-            from glr.model import backbones as timm_backbones
-
-            has_weights = timm_backbones.has_timm_weights(name)
+        has_weights = spec.timm_weights if name in BACKBONES else has_timm_weights(name)
         if not has_weights:
             release = (f" (the IBN-Net release {spec.ibn_net_checkpoint})"
                        if spec.ibn_net_checkpoint else "")

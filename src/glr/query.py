@@ -38,9 +38,10 @@ from PIL import Image, UnidentifiedImageError
 
 from glr import retrieve, search, shards
 from glr.data import EvalTransform, normalize
+from glr.errors import UserError
 from glr.extract import embed, last_phase, scaled_sides
 from glr.model.folder import load_model
-from glr.params import Params, ParamsError
+from glr.params import Params
 from glr.runtime import (
     cpu_kernels_name,
     pin_cpu_kernels,
@@ -131,11 +132,11 @@ def check_out(out: Path) -> None:
     folder = out.parent
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
-        raise ParamsError(f"--out {out}: the folder {folder} {what}; create it first")
+        raise UserError(f"--out {out}: the folder {folder} {what}; create it first")
     if out.is_dir():
-        raise ParamsError(f"--out {out}: is a folder; name a file, e.g. {out / 'query.png'}")
+        raise UserError(f"--out {out}: is a folder; name a file, e.g. {out / 'query.png'}")
     if out.suffix.lower() not in Image.registered_extensions():
-        raise ParamsError(f"--out {out}: no picture format for the suffix {out.suffix!r}; "
+        raise UserError(f"--out {out}: no picture format for the suffix {out.suffix!r}; "
                           "use .png")
 
 
@@ -157,10 +158,10 @@ def read_index_tags(path: Path, index_ids: list[str], country_codes: dict[str, i
     """(labels, country codes) of the index images, in `index_ids` order, from `glr retrieve`'s
     tag table."""
     if not path.is_file():
-        raise ParamsError(f"{path}: no index tags; run `dvc repro retrieve` first")
+        raise UserError(f"{path}: no index tags; run `dvc repro retrieve` first")
     table = pd.read_parquet(path)
     if table["id"].tolist() != index_ids:
-        raise ParamsError(f"{path}: its index ids differ from the cached features'; rerun "
+        raise UserError(f"{path}: its index ids differ from the cached features'; rerun "
                           "`dvc repro retrieve`")
     countries = table["country"].map(country_codes).fillna(-1).to_numpy(dtype=np.int64)
     return table["label"].to_numpy(dtype=np.int64), countries
@@ -216,7 +217,7 @@ def main(params: Params, photos: list[Path], *, top: int, models_dir: Path, feat
         check_out(out_png)
     batch, problems = photo_batch(photos, params)
     if batch is None:
-        raise ParamsError(f"no photo could be read ({len(photos)} given, each named above with "
+        raise UserError(f"no photo could be read ({len(photos)} given, each named above with "
                           "its problem): nothing to search")
     answered = [photo for photo, problem in zip(photos, problems, strict=True) if problem is None]
     device = torch.device("cpu")
@@ -230,11 +231,11 @@ def main(params: Params, photos: list[Path], *, top: int, models_dir: Path, feat
         phase = params.extract.phase or last_phase(params, backbone)
         model_dir = Path(models_dir) / backbone / phase
         if not (model_dir / "config.json").is_file():
-            raise ParamsError(f"{model_dir}: no trained model; run `dvc repro` first")
+            raise UserError(f"{model_dir}: no trained model; run `dvc repro` first")
         photo_features[backbone] = embed_photos(batch, model_dir, params)
     results, votes = search_photos(photo_features, params, features_dir, retrieval_dir, top)
     if not Path(labels_table).is_file():
-        raise ParamsError(f"{labels_table}: no label table; run `dvc repro prepare` first")
+        raise UserError(f"{labels_table}: no label table; run `dvc repro prepare` first")
     landmarks = pd.read_parquet(labels_table, columns=["label", "landmark_id", "category"])
     pairs = zip(landmarks["landmark_id"], landmarks["category"], strict=True)
     landmark_of = dict(zip(landmarks["label"], pairs, strict=True))

@@ -29,7 +29,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from glr.params import ParamsError
+from glr.errors import LaunchError, ParamsError
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,6 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-
-class LaunchError(ParamsError):
-    """A launch that cannot work as asked (more ranks than GPUs, srun without torchrun);
-    `glr` reports it as one line, as a bad param."""
 
 
 def cuda_index(local_rank: int, visible: int) -> int:

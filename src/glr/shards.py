@@ -53,6 +53,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from glr import gldv2
+from glr.errors import ShardError
 from glr.params import Params, ShardParams
 from glr.progress import progress_bar
 from glr.workers import process_pool
@@ -68,10 +69,6 @@ LIST_INCREMENTS = {
 }
 EVAL_GROUPS = ("query", "eval_index")
 SHARD_FORMAT = 1  # bump when the bytes a shard holds for the same plan change
-
-
-class ShardError(RuntimeError):
-    """Too many bad images, or an unusable source; the message says which and where."""
 
 
 class DiskFullError(ShardError):

