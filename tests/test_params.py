@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from glr.model.table import BACKBONES
 from glr.params import Params, ParamsError, load_params, parse_params
@@ -166,7 +168,14 @@ def test_constraints_between_fields_name_the_key(raw, message):
 ], ids=["id_uniform-multiple", "softmax-any-batch", "weights-per-backbone", "extract-phase",
         "max-side-raised", "ibn-with-weights-dir"])
 def test_consistent_params_load(raw):
-    parse_params(on_resnet18(raw))
+    raw = on_resnet18(raw)
+    params = dataclasses.asdict(parse_params(raw))
+    for section, values in raw.items():  # every value given comes back as given
+        for key, value in values.items():
+            if section == "train":
+                assert set(value) <= set(params["train"][key]), key  # phases, recipe entries
+            else:
+                assert params[section][key] == value, f"{section}.{key}"
 
 
 def test_per_backbone_overrides_and_mid_phase_starts_resolve():
@@ -192,7 +201,13 @@ def test_per_backbone_overrides_and_mid_phase_starts_resolve():
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_recipes_load(recipe):
-    load_params(recipe)
+    raw = yaml.safe_load(recipe.read_text())
+    params = load_params(recipe)
+    assert params.model.backbones == raw["model"]["backbones"]
+    assert list(params.train.recipe) == list(raw["train"]["recipe"])
+    assert [plan.name for backbone in params.model.backbones
+            for plan in params.plan(backbone)] == [entry["phase"] for entry in
+                                                     raw["train"]["recipe"].values()]
 
 
 def test_a_file_error_names_the_file_and_the_key(tmp_path):

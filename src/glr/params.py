@@ -425,7 +425,7 @@ class RetrieveParams:
     precision: Literal["auto", "float32", "bfloat16", "float16"] = _spec(
         "auto", help="fast products that pick candidates, re-scored exactly (glr.search); "
                      "auto: float16 on a GPU, float32 on a CPU (bfloat16's wider margin costs "
-                     "more re-scoring than its product saves: README)")
+                     "more re-scoring than its product saves: docs/benchmarks.md)")
 
     def validate(self, prefix: str) -> None:
         if self.device == "cpu" and self.precision == "float16":

@@ -116,10 +116,10 @@ class Backend:
 
 def select_backend(device: str = "auto", precision: str = "auto") -> Backend:
     """The backend for this machine: `device` auto|cpu|cuda, `precision` auto|float32|bfloat16|
-    float16. auto: float16 on a GPU, float32 on any CPU. bfloat16, which a CPU with AMX or
-    AVX-512 BF16 multiplies 3.5–4× as fast as float32, only when asked for: its wider margin
+    float16. auto: float16 on a GPU, float32 on any CPU. bfloat16, which a CPU with AVX-512
+    BF16 or AMX multiplies 1.9–4× as fast as float32, only when asked for: its wider margin
     (inputs and output rounded at 2^-8) lets so many candidates through on clustered features
-    that the exact re-scoring costs more than the product saves (README, "Exact retrieval",
+    that the exact re-scoring costs more than the product saves (docs/benchmarks.md,
     from `glr bench retrieve --precision`). float16 on a CPU is refused (CPUs emulate it:
     about 11 GFLOP/s on a 2-core AVX2 CPU)."""
     if device not in ("auto", "cpu", "cuda"):

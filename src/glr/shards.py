@@ -212,7 +212,7 @@ def read_image_fingerprints(path: Path) -> pd.DataFrame:
                             engine="c", skip_blank_lines=True, na_filter=False)
     except FileNotFoundError:
         raise ShardError(f"{path}: images fingerprint not found (params "
-                         "data.images_fingerprint; see README, Using the real GLDv2)") from None
+                         "data.images_fingerprint; see docs/gldv2.md)") from None
     except pd.errors.EmptyDataError:
         return pd.DataFrame({"md5": [], "path": []}, dtype=str)
     except (pd.errors.ParserError, UnicodeDecodeError) as err:

@@ -6,8 +6,9 @@ Two pure pieces:
   artifact layout of `glr extract` (read by `glr.retrieve.load_features`), streamed to disk so
   that a million references × 512 never sit in memory at once.
 - `authors_retrieval`: the Landmark-Country aware rerank as the authors' code runs it,
-  transcribed from /work/shared/reference/method.md ("Retrieval and the Landmark-Country aware
-  rerank" and its k-reciprocal paragraph) in torch on the CPU, float32, one query at a time:
+  transcribed from the project's specification of the method (summarized in
+  docs/method.md, "Retrieval and the Landmark-Country rerank") in torch on the CPU,
+  float32, one query at a time:
   index tags from each index image's top-1 reference (a batched torch.mm + top-1 over blocks
   of reference rows); per query q·Rᵀ → its 30 nearest references, their own 30 × N product →
   30 nearest each, U = the union; on {q} ∪ U Zhong et al.'s k-reciprocal re-ranking in its
