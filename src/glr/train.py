@@ -606,18 +606,7 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, live_dir: Path
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     stream = make_stream(params, plan, shard_dir)
-    workers = params.train.workers
-    if env.local_rank == 0:  # once per node
-        line, warnings = loader_report(workers, local_processes(), available_cpus(),
-                                       stream.reader_bytes(plan.size), host_memory_bytes(),
-                                       params.train.shuffle_buffer)
-        log.info("%s", line)
-        for warning in warnings:
-            log.warning("%s", warning)
-    # one loader for the phase: its workers live across epochs and read each epoch's number
-    # from the stream (set_epoch), instead of being started again every epoch
-    loader = DataLoader(stream, batch_size=None, num_workers=workers,
-                        pin_memory=env.device.type == "cuda", persistent_workers=workers > 0)
+    loader = phase_loader(stream, params, plan, env)
     writer = SummaryWriter(str(plan.run_dir / "tensorboard")) if env.main else None
     # DVC removed the stage's outputs before running it: PhaseLive rebuilds them
     live = (PhaseLive(live_dir, plan.backbone, plan.name, live_params(plan, env, precision),
@@ -704,6 +693,22 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, live_dir: Path
                  f" (with the models of epochs {list(plan.snapshots)})" if plan.snapshots
                  else "")
     return summary
+
+
+def phase_loader(stream: TrainStream, params: Params, plan: PhasePlan, env: Dist) -> DataLoader:
+    """One DataLoader for the phase: its workers live across epochs and read each epoch's
+    number from the stream (`set_epoch`) instead of being started again every epoch. The
+    first process of each node logs the loader's footprint there (`loader_report`)."""
+    workers = params.train.workers
+    if env.local_rank == 0:
+        line, warnings = loader_report(workers, local_processes(), available_cpus(),
+                                       stream.reader_bytes(plan.size), host_memory_bytes(),
+                                       params.train.shuffle_buffer)
+        log.info("%s", line)
+        for warning in warnings:
+            log.warning("%s", warning)
+    return DataLoader(stream, batch_size=None, num_workers=workers,
+                      pin_memory=env.device.type == "cuda", persistent_workers=workers > 0)
 
 
 def loader_report(workers: int, local: int, cpus: int, reader_bytes: int, host_bytes: int,
