@@ -401,3 +401,23 @@ def test_test_images_are_never_references():
     lists = shards.list_groups(rows)
     assert lists["all"] == ["clean-asia", "index-asia", "test-asia"]
     assert lists["reference"] == ["clean-asia", "index-asia"]
+
+
+def test_a_disk_full_before_the_shards_first_sample_still_estimates_what_the_rest_needs(
+        monkeypatch):
+    """In a pool worker the disk may fill at a shard's first sample, before the parent has
+    collected any finished shard: the worker's own finished shards give the size per image
+    (this once made the message lose its estimate, depending on scheduling)."""
+    def full(*args):
+        raise shards.DiskFullError("out/clean-asia-000003.tar", 10**9, 0, 0)
+
+    monkeypatch.setattr(shards, "write_shard", full)
+    monkeypatch.setattr(shards, "_WORKER_DONE", {"bytes": 5_000, "samples": 10})
+    with pytest.raises(shards.DiskFullError) as raised:
+        shards._run_task((None, None, None))
+    assert (raised.value.written, raised.value.samples) == (5_000, 10)
+    message = shards.disk_full_message(raised.value, remaining=100, finished=[])
+    assert message.startswith("out/clean-asia-000003.tar: no space left on the device while "
+                              "writing this shard (")
+    assert f"; the 100 images still to shard need about {shards.human_bytes(50_000)} (at " \
+           f"{shards.human_bytes(500)} per image)" in message

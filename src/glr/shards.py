@@ -493,11 +493,27 @@ _WORKER_SOURCE = None
 def _init_worker(source) -> None:
     global _WORKER_SOURCE
     _WORKER_SOURCE = source
+    _WORKER_DONE.update(bytes=0, samples=0)
+
+
+# bytes and samples of the shards this process finished: the size per image for a full-disk
+# message when the disk fills before the failing shard holds a sample (the parent may not have
+# collected any finished shard yet)
+_WORKER_DONE = {"bytes": 0, "samples": 0}
 
 
 def _run_task(args: tuple) -> dict:
     task, out_dir, settings = args
-    return write_shard(task, out_dir, _WORKER_SOURCE, settings)
+    try:
+        info = write_shard(task, out_dir, _WORKER_SOURCE, settings)
+    except DiskFullError as err:
+        if err.samples or not _WORKER_DONE["samples"]:
+            raise
+        raise DiskFullError(err.path, err.free, _WORKER_DONE["bytes"],
+                            _WORKER_DONE["samples"]) from None
+    _WORKER_DONE["bytes"] += info["bytes"]
+    _WORKER_DONE["samples"] += info["samples"]
+    return info
 
 
 def write_all(tasks: list[ShardTask], out_dir: Path, source, settings: dict, workers: int,
