@@ -291,5 +291,7 @@ def test_search_stats_count_candidates_and_redone_rows() -> None:
             > found["float32", 8]["candidates_per_row"])
     assert found["bfloat16", 0]["rows_redone"] > 0
     assert found["bfloat16", 0]["candidates_per_row"] == found["bfloat16", 8]["candidates_per_row"]
-    assert search.SearchStats(rows=4, candidates=50, candidates_max=20, redone=1).describe() == (
-        "12.5 candidates per row (max 20), 1 of 4 rows redone")
+    stats = search.SearchStats(rows=4, candidates=50, candidates_max=20, redone=1)
+    assert stats.describe() == "12.5 candidates per row (max 20), 1 of 4 rows redone"
+    stats.reset()
+    assert stats == search.SearchStats()

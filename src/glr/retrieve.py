@@ -243,7 +243,7 @@ def main(params: Params, features_dir: Path, out_dir: Path, stats: dict | None =
             log.info("%s: reference searches: %s", backbone, backend.stats.describe())
             if stats is not None:
                 stats[backbone] = backend.stats.summary()
-            backend.stats.__init__()  # the next backbone counts afresh
+            backend.stats.reset()  # the next backbone counts afresh
         kr = full_kr_scores(features, settings) if settings.full_kr else None
         if several and ensemble_plain is None:
             ensemble_plain = np.zeros(shape, dtype=np.float32)

@@ -78,6 +78,10 @@ class SearchStats:
         self.candidates_max = max(self.candidates_max, int(counts.max(initial=0)))
         self.redone += redone
 
+    def reset(self) -> None:
+        """Count afresh (the retrieve stage does so per backbone)."""
+        self.rows = self.candidates = self.candidates_max = self.redone = 0
+
     def summary(self) -> dict:
         return {"rows": self.rows,
                 "candidates_per_row": round(self.candidates / max(1, self.rows), 2),
