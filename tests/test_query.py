@@ -175,7 +175,7 @@ def pipeline(tmp_path, monkeypatch):
         seen["batch"] = tuple(batch.shape)
         return np.stack([[i, 0.0] for i in range(len(batch))]).astype(np.float16)
 
-    def search_photos(features, params, features_dir, retrieval_dir, top):
+    def search_photos(features, params, features_dir, tags_dir, top):
         rows = features[backbone][:, 0].astype(int).tolist()
         seen["rows"] = rows
         results = [[(f"index{row}a", 0.9), (f"index{row}b", 0.5)][:top] for row in rows]
@@ -185,7 +185,7 @@ def pipeline(tmp_path, monkeypatch):
     monkeypatch.setattr(query, "search_photos", search_photos)
     monkeypatch.setattr(visualize, "read_images", lambda *args: {})  # no shards: blank tiles
     return {"models_dir": models, "features_dir": tmp_path / "features",
-            "retrieval_dir": tmp_path / "retrieval", "labels_table": labels,
+            "tags_dir": tmp_path / "tags", "labels_table": labels,
             "shard_dir": tmp_path / "shards", "seen": seen}
 
 

@@ -558,8 +558,9 @@ def test_the_full_k_reciprocal_rerank_replaces_the_cosine(rerank_on: bool) -> No
 def test_retrieve_main_ensembles_several_backbones(tmp_path):
     """retrieve.main with two backbones: each backbone's variants and the weighted ensemble,
     the ensemble's rerank computed as Σ w·base + Σ w·boosts a chunk at a time, equal to the
-    dense Σ w·(base + boosts) of `rerank.ensemble`."""
-    from glr import retrieve
+    dense Σ w·(base + boosts) of `rerank.ensemble`. The index tags come from the tag stage's
+    tables, the dense side finds them itself: each backbone's rankings are the same."""
+    from glr import retrieve, tag
     from glr.bench.authors_retrieval import write_clustered_features
     from glr.params import parse_params
 
@@ -573,7 +574,10 @@ def test_retrieve_main_ensembles_several_backbones(tmp_path):
     params = parse_params({"model": {"pretrained": False, "backbones": names},
                            "train": {"recipe": recipe},
                            "retrieve": {"weights": weights, "k": 10, "k_neighbors": 8}})
-    rankings = retrieve.main(params, tmp_path / "features", tmp_path / "retrieval")
+    for name in names:
+        tag.main(params, name, tmp_path / "features", tmp_path / "tags")
+    rankings = retrieve.main(params, tmp_path / "features", tmp_path / "tags",
+                             tmp_path / "retrieval")
     assert set(rankings) == {f"{n}-{v}" for n in [*names, "ensemble"] for v in ("plain",
                                                                                "rerank")}
     assert json.loads((tmp_path / "retrieval/variants.json").read_text())["final"] == (
@@ -595,3 +599,58 @@ def test_retrieve_main_ensembles_several_backbones(tmp_path):
             _, own_top = rerank.top_k_ids(scores[position], 10)
             np.testing.assert_array_equal(
                 np.array(rankings[f"{name}-{variant}"]["scores"].tolist()), own_top)
+
+
+# ---------------------------------------------------------------- the tag stage
+
+
+def tag_features(tmp_path: Path):
+    """One backbone's features in the extraction layout, and their params."""
+    from glr.bench.authors_retrieval import write_clustered_features
+    from glr.params import parse_params
+
+    write_clustered_features(tmp_path / "features" / "resnet18", num_queries=5, num_index=60,
+                             num_refs=300, dim=16, num_landmarks=30, num_countries=4, seed=3)
+    params = parse_params({"retrieve": {"block_rows": 64}})
+    return tmp_path / "features", params
+
+
+def test_the_tag_stage_gives_each_index_image_its_nearest_references_tags(tmp_path):
+    """`glr tag`: every index image gets the label and country of the reference with the
+    highest exact inner product (float64 here; no near-tie, so any kernel finds the same one),
+    searched in blocks of retrieve.block_rows."""
+    from glr import retrieve, tag
+
+    features_dir, params = tag_features(tmp_path)
+    out = tag.main(params, "resnet18", features_dir, tmp_path / "tags")
+    assert out == tmp_path / "tags" / "resnet18.parquet"
+    features = retrieve.load_features(features_dir / "resnet18")
+    references = np.asarray(features.ref, dtype=np.float32)
+    assert_clear_cut(features.index, references, 1)
+    nearest = np.argmax(features.index.astype(np.float64) @ references.astype(np.float64).T,
+                        axis=1)
+    table = pd.read_parquet(out)
+    assert table["id"].tolist() == features.index_ids
+    assert table["label"].tolist() == features.ref_labels[nearest].tolist()
+    assert table["country"].tolist() == features.ref_countries.to_numpy()[nearest].tolist()
+    # read back as the rerank's codes, in the features' order
+    codes = tag.country_codes(features.ref_countries)
+    labels, countries = tag.read_index_tags(out, features.index_ids, codes)
+    assert labels.tolist() == table["label"].tolist()
+    assert countries.tolist() == [codes[c] for c in table["country"]]
+
+
+def test_stored_index_tags_are_checked_against_the_features(tmp_path):
+    """A missing table, or one of other index images, is a one-line error naming the file and
+    the stage to rerun; a country the references lack matches nothing (-1)."""
+    from glr import tag
+    from glr.errors import UserError
+
+    path = tmp_path / "resnet18.parquet"
+    with pytest.raises(UserError, match=r"resnet18\.parquet: no index tags; run `dvc repro tag`"):
+        tag.read_index_tags(path, ["a"], {"JP": 0})
+    pd.DataFrame({"id": ["a", "b"], "label": [4, 7], "country": ["JP", "XX"]}).to_parquet(path)
+    with pytest.raises(UserError, match=r"resnet18\.parquet: its index ids differ"):
+        tag.read_index_tags(path, ["b", "a"], {"JP": 0})
+    labels, countries = tag.read_index_tags(path, ["a", "b"], {"FR": 0, "JP": 1})
+    assert labels.tolist() == [4, 7] and countries.tolist() == [1, -1]

@@ -529,13 +529,18 @@ def test_the_code_digest_covers_every_glr_module_the_training_code_imports():
         path = package / name
         covered |= {p.relative_to(package).as_posix() for p in
                     (sorted(path.glob("*.py")) if path.is_dir() else [path])}
-    # progress bars, error classes, and what only shards.py's writer uses (the shards' bytes,
-    # which the run fingerprint holds, carry its effect): no other effect on a run's result
-    drawn_only = {"progress.py", "errors.py", "workers.py", "gldv2.py", "prepare.py"}
+    # progress bars, error classes, whole-file writes, and what only shards.py's writer uses
+    # (the shards' bytes, which the run fingerprint holds, carry its effect): no other effect
+    # on a run's result
+    drawn_only = {"progress.py", "errors.py", "files.py", "workers.py", "gldv2.py", "prepare.py"}
     for source in sorted(covered):
         for node in ast.walk(ast.parse((package / source).read_text())):
-            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module
-                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if isinstance(node, ast.ImportFrom) and node.module == "glr":  # from glr import x
+                names = [f"glr.{a.name}" for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            else:
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             for name in names:
                 if not name.startswith("glr."):
                     continue

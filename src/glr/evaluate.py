@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from glr import metric
+from glr import files, metric
 from glr.metric import MetricError
 from glr.params import Params
 
@@ -98,13 +97,6 @@ def contaminated(params: Params) -> bool:
     return (not params.prepare.holdout_val_queries
             and any(phase.settings.list == "all" for backbone in params.model.backbones
                     for phase in params.plan(backbone)))
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def short_names(result: dict) -> dict:
@@ -199,7 +191,7 @@ def standalone(solution_csv: Path, submission_csv: Path, out: Path | None) -> di
     result = short_names(metric.score(solution, submission))
     text = json.dumps(result, indent=2) + "\n"
     if out is not None:
-        _write(Path(out), text)
+        files.write_text(Path(out), text)
     print(text, end="")
     return result
 

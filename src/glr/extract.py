@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from glr import shards
+from glr import files, shards
 from glr.data import EvalTransform, ExtractStream, normalize
 from glr.model.folder import WEIGHTS, file_digest, load_model
 from glr.params import Params
@@ -183,11 +183,10 @@ def _save_part(parts: Path, number: int, rows: list[tuple[int, np.ndarray, str]]
     table = pa.table({name: pa.array([m.get(name) for m in metas], type=field.type)
                       for name, field in zip(PART_SCHEMA.names, PART_SCHEMA, strict=True)})
     pq.write_table(table, parts / f"{number:06d}.parquet")
-    tmp = parts / f".{number:06d}.tmp{os.getpid()}.npy"
     features = (np.stack([r[1] for r in rows]) if rows
                 else np.zeros((0, dim or 0), dtype=np.float16))
-    np.save(tmp, features)
-    tmp.replace(parts / f"{number:06d}.npy")  # last: a .npy marks a finished shard
+    with files.atomic(parts / f"{number:06d}.npy", suffix=".npy") as tmp:
+        np.save(tmp, features)  # last: a .npy marks a finished shard
 
 
 def check_parts(parts: Path, num_shards: int, world: int) -> None:
@@ -211,17 +210,16 @@ def assemble(parts: Path, num_shards: int, out_npy: Path, out_table: Path,
     part (4.9M reference rows never pass through Python objects or one big array)."""
     tables = [pq.read_table(parts / f"{number:06d}.parquet") for number in range(num_shards)]
     counts = [t.num_rows for t in tables]
-    tmp = out_npy.with_name(f".{out_npy.name}.tmp{os.getpid()}.npy")
-    matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                       shape=(sum(counts), dim))
-    row = 0
-    for number, count in enumerate(counts):
-        if count:
-            matrix[row: row + count] = np.load(parts / f"{number:06d}.npy")
-        row += count
-    matrix.flush()
-    del matrix
-    tmp.replace(out_npy)
+    with files.atomic(out_npy, suffix=".npy") as tmp:
+        matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                           shape=(sum(counts), dim))
+        row = 0
+        for number, count in enumerate(counts):
+            if count:
+                matrix[row: row + count] = np.load(parts / f"{number:06d}.npy")
+            row += count
+        matrix.flush()
+        del matrix
     table = pa.concat_tables(tables).select(columns)
     pq.write_table(table, out_table)
     return sum(counts)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import re
 import types
 import typing
@@ -26,6 +25,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from glr import files
 from glr.errors import ParamsError
 from glr.model.table import BACKBONES, BackboneSpec, backbone_problem, has_timm_weights
 
@@ -707,12 +707,8 @@ def check_params(path: str | Path, mark: str | Path) -> Params:
     `dvc exp run -S` sets out of range stops here, before DVC deletes any stage's outputs
     (DVC removes a stage's outputs just before it runs the stage's command)."""
     params = load_params(path)
-    mark = Path(mark)
-    mark.parent.mkdir(parents=True, exist_ok=True)
     # a new file, renamed over the old: the old one may be a read-only link into DVC's cache
-    tmp = mark.with_name(f".{mark.name}.tmp{os.getpid()}")
-    tmp.write_text(CHECK_MARK)
-    tmp.replace(mark)
+    files.write_text(Path(mark), CHECK_MARK)
     return params
 
 

@@ -19,9 +19,7 @@ seconds.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from glr import gldv2
+from glr import files, gldv2
 from glr.gldv2 import GLDv2FormatError, Layout
 from glr.params import Params, PrepareParams
 
@@ -358,21 +356,6 @@ def to_arrow(images: pd.DataFrame) -> pa.Table:
     return pa.table(columns)
 
 
-def write_table(table: pa.Table, path: Path) -> None:
-    """Write parquet atomically: a crash never leaves a half-written file under the real name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-
-
-def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def read_list(path: Path) -> pd.DataFrame:
     """Read a prepared table back (ids stay hex strings)."""
     return pq.read_table(path).to_pandas()
@@ -384,16 +367,16 @@ def main(params: Params, out_dir: Path, metrics_path: Path) -> dict:
     meta = read_metadata(root, params.data.continent_table)
     result = prepare(meta, params.prepare)
     out_dir = Path(out_dir)
-    write_table(to_arrow(result.labels), out_dir / "labels.parquet")
+    files.write_parquet(out_dir / "labels.parquet", to_arrow(result.labels))
     for name, images in result.lists.items():
-        write_table(to_arrow(images), out_dir / f"{name}.parquet")
-    write_table(to_arrow(result.reference), out_dir / "reference.parquet")
-    write_table(to_arrow(result.val_queries), out_dir / "val_queries.parquet")
-    write_table(pa.table({"id": gldv2.uint64_to_hex(result.eval_index)}),
-                out_dir / "eval_index.parquet")
+        files.write_parquet(out_dir / f"{name}.parquet", to_arrow(images))
+    files.write_parquet(out_dir / "reference.parquet", to_arrow(result.reference))
+    files.write_parquet(out_dir / "val_queries.parquet", to_arrow(result.val_queries))
+    files.write_parquet(out_dir / "eval_index.parquet",
+                        pa.table({"id": gldv2.uint64_to_hex(result.eval_index)}))
     counts = summary(result, params.prepare)
-    write_json(counts, out_dir / "summary.json")
-    write_json(headline_metrics(counts), Path(metrics_path))
+    files.write_json(out_dir / "summary.json", counts)
+    files.write_json(Path(metrics_path), headline_metrics(counts))
     for name in LISTS:
         c = counts[name]
         log.info("%-5s %9d images %7d labels (%d clean, %d noisy)", name, c["images"], c["labels"],

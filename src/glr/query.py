@@ -6,8 +6,8 @@ resize to `model.size` and normalization; each backbone of `model.backbones` emb
 the model `glr extract` used (`models/<backbone>/<phase>/`, `extract.scales`), and the
 features are rounded to float16 as the cached ones are. The search is the retrieve stage's own
 code (`glr.retrieve`): the cosine against the cached index features (`data/features/`), the
-Landmark-Country rerank with the index images' tags that `glr retrieve` stored
-(`data/retrieval/tags/`) and the photos' own tags from the cached reference features, the
+Landmark-Country rerank with the index images' tags that `glr tag` stored
+(`data/tags/`) and the photos' own tags from the cached reference features, the
 weighted ensemble. Per photo: the top index images with their scores, and the most likely
 landmarks: the photos' landmark tags (the top-3 vote of the rerank), averaged over the
 backbones with the ensemble weights, as GLDv2 train landmark ids and their categories.
@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from glr import retrieve, search, shards
+from glr import retrieve, search, shards, tag
 from glr.data import EvalTransform, normalize
 from glr.errors import UserError
 from glr.extract import embed, last_phase, scaled_sides
@@ -153,22 +153,8 @@ def embed_photos(batch: torch.Tensor, model_dir: Path, params: Params) -> np.nda
     return features.numpy().astype(np.float16)
 
 
-def read_index_tags(path: Path, index_ids: list[str], country_codes: dict[str, int]
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, country codes) of the index images, in `index_ids` order, from `glr retrieve`'s
-    tag table."""
-    if not path.is_file():
-        raise UserError(f"{path}: no index tags; run `dvc repro retrieve` first")
-    table = pd.read_parquet(path)
-    if table["id"].tolist() != index_ids:
-        raise UserError(f"{path}: its index ids differ from the cached features'; rerun "
-                          "`dvc repro retrieve`")
-    countries = table["country"].map(country_codes).fillna(-1).to_numpy(dtype=np.int64)
-    return table["label"].to_numpy(dtype=np.int64), countries
-
-
 def search_photos(photo_features: dict[str, np.ndarray], params: Params, features_dir: Path,
-                  retrieval_dir: Path, top: int, backend: search.Backend | None = None
+                  tags_dir: Path, top: int, backend: search.Backend | None = None
                   ) -> tuple[list[list[tuple[str, float]]], list[dict[int, float]]]:
     """Per photo: the `top` index images (id, score) of the ensemble ranking and its label
     tags {global label: weight} averaged over the backbones."""
@@ -186,10 +172,10 @@ def search_photos(photo_features: dict[str, np.ndarray], params: Params, feature
         rows = slice(0, len(features.query))
         tags = None
         if settings.rerank:
-            codes = {c: i for i, c in enumerate(sorted(features.ref_countries.unique()))}
-            labels, countries = read_index_tags(Path(retrieval_dir) / "tags" /
-                                                f"{backbone}.parquet", index_ids, codes)
-            tags = retrieve.photo_tags(features, settings, codes, labels, countries, backend)
+            codes = tag.country_codes(features.ref_countries)
+            index_tags = tag.read_index_tags(Path(tags_dir) / f"{backbone}.parquet",
+                                             index_ids, codes)
+            tags = retrieve.backbone_tags(features, settings, codes, backend, index_tags)
             votes = votes or [{} for _ in range(len(features.query))]
             for photo, (slots, slot_weights) in enumerate(
                     zip(tags.queries.labels, tags.queries.label_weights, strict=True)):
@@ -209,7 +195,7 @@ def search_photos(photo_features: dict[str, np.ndarray], params: Params, feature
 
 
 def main(params: Params, photos: list[Path], *, top: int, models_dir: Path, features_dir: Path,
-         retrieval_dir: Path, labels_table: Path, as_json: bool, out_png: Path | None,
+         tags_dir: Path, labels_table: Path, as_json: bool, out_png: Path | None,
          shard_dir: Path) -> list[dict]:
     """Embed, search, print; optionally draw the results. Returns the report: per photo, in
     the given order, its results or its problem (see the module docstring)."""
@@ -233,7 +219,7 @@ def main(params: Params, photos: list[Path], *, top: int, models_dir: Path, feat
         if not (model_dir / "config.json").is_file():
             raise UserError(f"{model_dir}: no trained model; run `dvc repro` first")
         photo_features[backbone] = embed_photos(batch, model_dir, params)
-    results, votes = search_photos(photo_features, params, features_dir, retrieval_dir, top)
+    results, votes = search_photos(photo_features, params, features_dir, tags_dir, top)
     if not Path(labels_table).is_file():
         raise UserError(f"{labels_table}: no label table; run `dvc repro prepare` first")
     landmarks = pd.read_parquet(labels_table, columns=["label", "landmark_id", "category"])

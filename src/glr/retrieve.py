@@ -3,12 +3,12 @@
 Per backbone: S = Q·Xᵀ (exact cosine); optionally (`retrieve.full_kr`, off in the authors'
 submission) S is replaced by the full k-reciprocal similarity of queries and index, as in
 their code; then, when `retrieve.rerank` is on, the authors' Landmark-Country aware rerank
-(glr.rerank: index images tagged by their top-1 reference, queries by k-reciprocal
-similarity to the references, S += α·w_label + β·v_country). The ensemble is the
-weighted sum of the backbones' S. The reference matrix (4.9M × 512 on GLDv2) is memory-mapped
-and streamed in blocks, twice per backbone (`rerank.reference_neighbors`), by glr.search on the
-`retrieve.device` / `retrieve.precision` backend; no query×reference or index×reference matrix
-is built.
+(glr.rerank: index images tagged by their top-1 reference, which the `tag` stage stored in
+`data/tags/`; queries by k-reciprocal similarity to the references; S += α·w_label +
+β·v_country). The ensemble is the weighted sum of the backbones' S. For the queries' tags the
+reference matrix (4.9M × 512 on GLDv2) is memory-mapped and streamed in blocks, twice per
+backbone (`rerank.reference_neighbors`, 1,129 and at most 1,129 × 30 rows), by glr.search on
+the `retrieve.device` / `retrieve.precision` backend; no query×reference matrix is built.
 
 Memory (GLDv2: 1,129 queries × 761,757 index images, d = 512, any number of backbones): one
 dense float32 query × index matrix, the ensemble's plain scores (3.4 GB; none with a single
@@ -26,8 +26,6 @@ Writes `data/retrieval/`:
                                     <backbone>-plain, <backbone>-rerank, and with several
                                     backbones ensemble-plain, ensemble-rerank (the -rerank
                                     ones when a rerank is on)
-    tags/<backbone>.parquet         id, label, country of every index image (its top-1
-                                    reference's), for `glr query`
     tags/<backbone>-queries.parquet id, labels, label_weights, countries, country_weights:
                                     each query's tags (the top-3 vote)
     variants.json                   the variants and which one is final
@@ -35,18 +33,17 @@ Writes `data/retrieval/`:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from glr import metric, rerank, search
+from glr import files, metric, rerank, search, tag
 from glr.params import Params, RetrieveParams
 
 log = logging.getLogger(__name__)
@@ -92,49 +89,35 @@ class BackboneTags:
     queries: rerank.QueryTags
 
 
-def backbone_tags(features: Features, settings: RetrieveParams, country_codes: dict[str, int],
-                  backend: search.Backend | None = None) -> BackboneTags:
-    """Tags from the two passes over the references (`rerank.reference_neighbors`)."""
-    countries = features.ref_countries.map(country_codes).to_numpy(dtype=np.int64)
-    neighbors = rerank.reference_neighbors(features.query, features.index, features.ref,
-                                           settings.k_neighbors, block_rows=settings.block_rows,
-                                           backend=backend, progress=True)
-    index_labels, index_countries = rerank.index_tags(
-        features.index, features.ref, features.ref_labels, countries,
-        nearest=neighbors.index_nearest)
-    tags = rerank.query_tags(features.query, features.ref, features.ref_labels, countries,
-                             k_neighbors=settings.k_neighbors, k1=settings.k1, k2=settings.k2,
-                             lambda_value=settings.lambda_value, top=settings.top,
-                             neighbors=neighbors)
-    return BackboneTags(index_labels, index_countries, tags)
+def backbone_tags(features: Features, settings: RetrieveParams, codes: dict[str, int],
+                  backend: search.Backend | None = None,
+                  index_tags: tuple[np.ndarray, np.ndarray] | None = None) -> BackboneTags:
+    """The rerank's tags of one backbone. `index_tags`: the index images' (labels, country
+    codes) as the `tag` stage stored them (`tag.read_index_tags`), and only the queries search
+    the references; None: both search them, in the same two passes
+    (`rerank.reference_neighbors`; small sets and tests)."""
+    countries = features.ref_countries.map(codes).to_numpy(dtype=np.int64)
+    neighbors = rerank.reference_neighbors(
+        features.query, None if index_tags is not None else features.index, features.ref,
+        settings.k_neighbors, block_rows=settings.block_rows, backend=backend, progress=True)
+    if index_tags is None:
+        index_tags = rerank.index_tags(features.index, features.ref, features.ref_labels,
+                                       countries, nearest=neighbors.index_nearest)
+    queries = rerank.query_tags(features.query, features.ref, features.ref_labels, countries,
+                                k_neighbors=settings.k_neighbors, k1=settings.k1, k2=settings.k2,
+                                lambda_value=settings.lambda_value, top=settings.top,
+                                neighbors=neighbors)
+    return BackboneTags(*index_tags, queries)
 
 
-def photo_tags(features: Features, settings: RetrieveParams, country_codes: dict[str, int],
-               index_labels: np.ndarray, index_countries: np.ndarray,
-               backend: search.Backend | None = None) -> BackboneTags:
-    """Tags of new queries (`features.query`) against stored index tags (`glr query`): only
-    the queries' searches over the references run."""
-    countries = features.ref_countries.map(country_codes).to_numpy(dtype=np.int64)
-    tags = rerank.query_tags(features.query, features.ref, features.ref_labels, countries,
-                             k_neighbors=settings.k_neighbors, k1=settings.k1, k2=settings.k2,
-                             lambda_value=settings.lambda_value, top=settings.top,
-                             block_rows=settings.block_rows, backend=backend)
-    return BackboneTags(index_labels, index_countries, tags)
-
-
-def write_tags(tags: BackboneTags, features: Features, codes: dict[str, int], folder: Path,
-               backbone: str) -> None:
-    """The rerank's tags as tables: `<backbone>.parquet`, each index image's label and country
-    (its top-1 reference's), which `glr query` reuses instead of searching the references for
-    761,757 index images again; `<backbone>-queries.parquet`, each query's weighted label and
-    country tags (the top-3 vote), to see why a query was reranked as it was."""
+def write_query_tags(tags: BackboneTags, features: Features, codes: dict[str, int],
+                     path: Path) -> None:
+    """Each query's weighted label and country tags (the top-3 vote) as a table, to see why a
+    query was reranked as it was."""
     country_names = np.array(sorted(codes, key=codes.get), dtype=object)
-    index = pd.DataFrame({"id": features.index_ids, "label": tags.index_labels,
-                          "country": country_names[tags.index_countries]})
-    write_ranking(index, folder / f"{backbone}.parquet")
     query = tags.queries
     used = query.labels >= 0
-    queries = pd.DataFrame({
+    files.write_parquet(path, pd.DataFrame({
         "id": features.query_ids,
         "labels": [list(row[keep]) for row, keep in zip(query.labels, used, strict=True)],
         "label_weights": [list(map(float, row[keep])) for row, keep in
@@ -142,8 +125,7 @@ def write_tags(tags: BackboneTags, features: Features, codes: dict[str, int], fo
         "countries": [list(country_names[row[row >= 0]]) for row in query.countries],
         "country_weights": [list(map(float, weights[row >= 0])) for row, weights in
                             zip(query.countries, query.country_weights, strict=True)],
-    })
-    write_ranking(queries, folder / f"{backbone}-queries.parquet")
+    }))
 
 
 def add_boosts(scores: np.ndarray, tags: BackboneTags, rows: slice, settings: RetrieveParams,
@@ -199,17 +181,11 @@ def ranking_table(order: np.ndarray, top_scores: np.ndarray, query_ids: list[str
                          "scores": [list(map(float, row)) for row in top_scores]})
 
 
-def write_ranking(table: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), tmp)
-    tmp.replace(path)
-
-
-def main(params: Params, features_dir: Path, out_dir: Path, stats: dict | None = None
-         ) -> dict[str, pd.DataFrame]:
+def main(params: Params, features_dir: Path, tags_dir: Path, out_dir: Path,
+         stats: dict | None = None) -> dict[str, pd.DataFrame]:
     """Rankings of every variant; see the module docstring for the memory they take. `stats`,
-    when given, receives each backbone's `search.SearchStats` summary (`glr bench retrieve`)."""
+    when given, receives each backbone's `search.SearchStats` of the queries' reference
+    searches (`glr bench retrieve`)."""
     settings = params.retrieve
     backbones = params.model.backbones
     weights = settings.weights or [1.0] * len(backbones)
@@ -234,15 +210,20 @@ def main(params: Params, features_dir: Path, out_dir: Path, stats: dict | None =
                              f"{backbones[0]}'s; re-extract all backbones")
         query_ids, index_ids = features.query_ids, features.index_ids
         shape = (len(query_ids), len(index_ids))
-        codes = {c: i for i, c in enumerate(sorted(features.ref_countries.unique()))}
+        codes = tag.country_codes(features.ref_countries)
         log.info("%s: %d queries × %d index images, %d references", backbone, *shape,
                  len(features.ref))
-        tags = backbone_tags(features, settings, codes, backend) if settings.rerank else None
-        if tags is not None:
-            write_tags(tags, features, codes, out_dir / "tags", backbone)
-            log.info("%s: reference searches: %s", backbone, backend.stats.describe())
+        tags = None
+        if settings.rerank:
+            index_tags = tag.read_index_tags(Path(tags_dir) / f"{backbone}.parquet",
+                                             index_ids, codes)
+            tags = backbone_tags(features, settings, codes, backend, index_tags)
+            write_query_tags(tags, features, codes,
+                             out_dir / "tags" / f"{backbone}-queries.parquet")
+            log.info("%s: the queries' reference searches: %s", backbone,
+                     backend.stats.describe())
             if stats is not None:
-                stats[backbone] = backend.stats.summary()
+                stats[backbone] = dataclasses.replace(backend.stats)
             backend.stats.reset()  # the next backbone counts afresh
         kr = full_kr_scores(features, settings) if settings.full_kr else None
         if several and ensemble_plain is None:
@@ -280,7 +261,7 @@ def main(params: Params, features_dir: Path, out_dir: Path, stats: dict | None =
                 for name, chunks in parts.items()}
     final = f"{'ensemble' if several else backbones[0]}-{'rerank' if rerank_variant else 'plain'}"
     for name, table in rankings.items():
-        write_ranking(table, out_dir / "topk" / f"{name}.parquet")
+        files.write_parquet(out_dir / "topk" / f"{name}.parquet", table)
     final_table = rankings[final]
     metric.write_submission_csv(out_dir / "submission.csv",
                                 dict(zip(final_table["id"], final_table["images"], strict=True)))

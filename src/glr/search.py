@@ -78,6 +78,12 @@ class SearchStats:
         self.candidates_max = max(self.candidates_max, int(counts.max(initial=0)))
         self.redone += redone
 
+    def __add__(self, other: SearchStats) -> SearchStats:
+        """The counts of both searches together."""
+        return SearchStats(self.rows + other.rows, self.candidates + other.candidates,
+                           max(self.candidates_max, other.candidates_max),
+                           self.redone + other.redone)
+
     def reset(self) -> None:
         """Count afresh (the retrieve stage does so per backbone)."""
         self.rows = self.candidates = self.candidates_max = self.redone = 0

@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from glr import gldv2
+from glr import files, gldv2
 from glr.errors import ShardError
 from glr.params import Params, ShardParams
 from glr.progress import progress_bar
@@ -631,12 +631,6 @@ def group_samples(shard_dir: Path, groups: list[str]) -> int:
     return sum(read_manifest(shard_dir, group)["samples"] for group in groups)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
-
-
 def check_size(shard_dir: Path, groups: list[str], size: int, what: str) -> None:
     """Fail clearly when `size` asks for more pixels than the shards kept."""
     for group in groups:
@@ -659,7 +653,7 @@ def write_manifests(out_dir: Path, tasks: list[ShardTask], infos: dict[str, dict
         manifest = {"group": group, **groups_meta[group],
                     "samples": sum(s["samples"] for s in shards),
                     "bytes": sum(s["bytes"] for s in shards), "shards": shards}
-        _write_json(manifest_path(out_dir, group), manifest)
+        files.write_json(manifest_path(out_dir, group), manifest, indent=1)
     return by_group
 
 
@@ -776,7 +770,7 @@ def main(params: Params, prepared_dir: Path, out_dir: Path, metrics_path: Path,
     for meta in groups_meta.values():
         meta.update(max_side=params.shard.max_side, resize=params.shard.resize)
     write_manifests(out_dir, tasks, infos, groups_meta)
-    _write_json(out_dir / "train" / "lists.json", lists)
+    files.write_json(out_dir / "train" / "lists.json", lists, indent=1)
 
     planned = sum(len(t.rows) for t in tasks)
     bad = [entry for info in infos.values() for entry in info["bad"]]
@@ -789,9 +783,9 @@ def main(params: Params, prepared_dir: Path, out_dir: Path, metrics_path: Path,
         "shards": len(tasks),
         "groups": len(groups_meta),
     }
-    _write_json(out_dir / "report.json", {**totals, "bad_images": bad,
-                                          "settings": asdict(params.shard)})
-    _write_json(Path(metrics_path), totals)
+    files.write_json(out_dir / "report.json", {**totals, "bad_images": bad,
+                                               "settings": asdict(params.shard)}, indent=1)
+    files.write_json(Path(metrics_path), totals, indent=1)
     fraction = len(bad) / max(1, planned)
     log.info("%d samples in %d shards (%.1f MB), %d re-encoded, %d bad images skipped",
              totals["samples"], totals["shards"], totals["bytes"] / 1e6, totals["reencoded"],

@@ -45,7 +45,7 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from glr import shards
+from glr import files, shards
 from glr.data import TrainStream, TrainTransform, normalize
 from glr.data.samplers import continent_group_probs
 from glr.model import build_model, load_phase_weights, param_groups
@@ -215,12 +215,12 @@ DIGEST_MODULES = ("train.py", "params.py", "runtime.py", "shards.py", "model", "
 def code_digest() -> str:
     """sha256 of the code a training run depends on (`DIGEST_MODULES`)."""
     package = Path(__file__).parent
-    files = []
+    sources = []
     for name in DIGEST_MODULES:
         path = package / name
-        files += sorted(path.glob("*.py")) if path.is_dir() else [path]
+        sources += sorted(path.glob("*.py")) if path.is_dir() else [path]
     digest = hashlib.sha256()
-    for path in files:
+    for path in sources:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -282,10 +282,8 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch: int,
                      if model_device(model).type == "cuda" else torch.zeros(0, dtype=torch.uint8)),
         "python_rng": list(random.getstate()[1]),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with files.atomic(path) as tmp:
+        torch.save(state, tmp)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,10 +12,11 @@ from glr.commands import (
     retrieve,
     shard,
     synth,
+    tag,
     train,
     visualize,
 )
 
 # in the order `glr --help` lists them: the stages, then the tools
-COMMANDS = (synth, prepare, shard, train, extract, retrieve, evaluate, visualize, query, params,
-            bench)
+COMMANDS = (synth, prepare, shard, train, extract, tag, retrieve, evaluate, visualize, query,
+            params, bench)

@@ -16,7 +16,7 @@ def cmd_query(args: argparse.Namespace) -> None:
     if args.top < 1:
         raise UserError(f"--top must be at least 1, got {args.top}")
     query.main(load_params(args.params), args.photos, top=args.top, models_dir=args.models,
-               features_dir=args.features, retrieval_dir=args.retrieval,
+               features_dir=args.features, tags_dir=args.tags,
                labels_table=args.labels, as_json=args.json, out_png=args.out,
                shard_dir=args.shards)
 
@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
         description="Embed each PHOTO with every backbone's extraction model (the pipeline's "
                     "own preprocessing: shard resize, square resize, normalization), search "
                     "the cached index features, apply the Landmark-Country rerank with the "
-                    "index tags `glr retrieve` stored and the cached reference features, and "
+                    "index tags `glr tag` stored and the cached reference features, and "
                     "print per photo the TOP index images of the ensemble and the most likely "
                     "GLDv2 landmark ids with scores. Every readable photo is answered; an "
                     "unreadable one (missing, empty, not an image, corrupt) is named with its "
@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
                     "answered: PROBLEM` in the text, {\"photo\": PATH, \"error\": PROBLEM} in "
                     "--json. Exit status 2 only when no photo could be read. A photo under 32 px "
                     "on a side is answered with a warning. The network computes in params "
-                    "train.precision. Reads: MODELS, FEATURES, RETRIEVAL/tags, LABELS (and "
+                    "train.precision. Reads: MODELS, FEATURES, TAGS, LABELS (and "
                     "SHARDS for --out). Run `dvc repro` first.")
     add_params(que)
     que.add_argument("photos", type=Path, nargs="+", metavar="PHOTO", help="image files")
@@ -49,8 +49,8 @@ def add_parser(subparsers) -> None:
                      help="trained models (default: %(default)s)")
     que.add_argument("--features", type=Path, default=Path("data/features"),
                      help="cached features (default: %(default)s)")
-    que.add_argument("--retrieval", type=Path, default=Path("data/retrieval"),
-                     help="retrieve's output folder, for its index tags (default: %(default)s)")
+    que.add_argument("--tags", type=Path, default=Path("data/tags"),
+                     help="the index images' tags, `glr tag`'s output (default: %(default)s)")
     que.add_argument("--labels", type=Path, default=Path("data/prepared/labels.parquet"),
                      help="label → landmark id table (default: %(default)s)")
     que.add_argument("--shards", type=Path, default=Path("data/shards"),

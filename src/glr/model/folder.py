@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from glr import files
 from glr.model.build import model_from_config
 
 WEIGHTS = "model.safetensors"
@@ -24,9 +24,8 @@ def save_model(model: torch.nn.Module, folder: Path, config: dict) -> None:
     """Weights (safetensors) and a JSON config, written atomically into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = folder / f".{WEIGHTS}.tmp{os.getpid()}"
-    save_file(state, str(tmp))
-    tmp.replace(folder / WEIGHTS)
+    with files.atomic(folder / WEIGHTS) as tmp:
+        save_file(state, str(tmp))
     (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
