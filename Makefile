@@ -22,7 +22,7 @@ repro: setup
 
 # pytest exits 5 when it collected no test: that is a failure too, said plainly.
 test: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src benchmarks tests
 	$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
@@ -33,7 +33,7 @@ test-bf16: setup
 	GLR_MACHINE=bf16-cpu $(BIN)/python -m pytest -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src benchmarks tests
 
 clean-venv:
 	rm -rf $(VENV)

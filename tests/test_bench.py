@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from glr.bench import prepare as bench_prepare
+from benchmarks import prepare as bench_prepare
 from glr.data import TrainTransform, normalize
 
 
 def test_authors_style_loader_matches_glr_output_contract(tmp_path: Path):
     pytest.importorskip("cv2")
-    from glr.bench.loader import authors_transform
+    from benchmarks.loader import authors_transform
 
     pixels = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
     path = tmp_path / "photo.jpg"

@@ -1,4 +1,4 @@
-"""glr.bench.authors_retrieval: the clustered-feature writer, and the authors' transcription of
+"""benchmarks.authors_retrieval: the clustered-feature writer, and the authors' transcription of
 the Landmark-Country rerank against glr's own implementation (glr.rerank, glr.retrieve)."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from glr import rerank, retrieve
-from glr.bench.authors_retrieval import (
+from benchmarks.authors_retrieval import (
     AuthorsResult,
     authors_retrieval,
     k_reciprocal_final_distance,
     write_clustered_features,
 )
+from glr import rerank, retrieve
 from glr.params import parse_params
 
 # ---------------------------------------------------------------- rounding bounds

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from glr.bench import default as bench_default
+from benchmarks import default as bench_default
 from glr.params import parse_params
 
 
-def test_seeded_params_changes_only_the_synth_seed() -> None:
-    text = Path("params.yaml").read_text()
-    seeded = yaml.safe_load(bench_default.seeded_params(text, 7))
-    original = yaml.safe_load(text)
-    assert seeded["synth"]["seed"] == 7
-    seeded["synth"]["seed"] = original["synth"]["seed"]
-    assert seeded == original
-    parse_params(yaml.safe_load(bench_default.seeded_params(text, 11)))  # still valid
+def test_each_seed_runs_as_a_named_experiment_with_every_stage() -> None:
+    assert bench_default.experiment_command("dvc", 7) == [
+        "dvc", "exp", "run", "--temp", "--force", "--name", "bench-default-seed-7",
+        "--set-param", "synth.seed=7"]
+
+
+def test_a_seed_run_sets_a_valid_synth_seed() -> None:
+    """The value `-S synth.seed=11` sets passes the params loader."""
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["synth"]["seed"] = 11
+    assert parse_params(params).synth.seed == 11
 
 
 def _scores(plain: float, rerank: float) -> dict:
@@ -57,10 +61,24 @@ def test_summary_means_spreads_and_targets() -> None:
                                 "time": False}
 
 
-def test_a_project_holds_the_pipeline_with_the_seed(tmp_path) -> None:
-    project = bench_default.make_project(Path.cwd(), tmp_path, 7)
-    assert project == tmp_path / "seed-7"
-    assert yaml.safe_load((project / "params.yaml").read_text())["synth"]["seed"] == 7
-    assert (project / "dvc.yaml").read_text() == Path("dvc.yaml").read_text()
-    assert (project / "src/glr/train.py").is_file()
-    assert (project / ".dvc").is_dir()
+def test_the_metrics_are_read_from_the_experiment_commit(tmp_path) -> None:
+    """An experiment ref as DVC writes it (refs/exps/<2>/<38>/<name>); the workspace's own
+    metrics file is not what is read."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    metrics = tmp_path / bench_default.METRICS_FILE
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text('{"map100": 0.1}')
+    git("add", "-A")
+    git("commit", "-qm", "workspace")
+    metrics.write_text('{"map100": 0.7}')
+    git("commit", "-qam", "experiment")
+    experiment = git("rev-parse", "HEAD").strip()
+    git("reset", "-q", "--hard", "HEAD~1")
+    git("update-ref", "refs/exps/ab/cdef0123/bench-default-seed-7", experiment)
+    assert bench_default.experiment_metrics(tmp_path, "bench-default-seed-7") == {"map100": 0.7}
+    with pytest.raises(RuntimeError, match="0 experiments named 'bench-default-seed-11'"):
+        bench_default.experiment_metrics(tmp_path, "bench-default-seed-11")

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import extract as bench_extract
+from benchmarks import gpu as bench_gpu
+from benchmarks import scaling as bench_scaling
 from glr import cli
-from glr.bench import extract as bench_extract
-from glr.bench import gpu as bench_gpu
-from glr.bench import scaling as bench_scaling
 
 
 def check_comparison(part: dict, names: tuple[str, str], images: int) -> None:

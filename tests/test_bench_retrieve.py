@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from benchmarks import retrieve as bench_retrieve
 from glr import runtime
-from glr.bench import retrieve as bench_retrieve
 from glr.retrieve import SCORE_CHUNK_ELEMENTS
 from glr.search import RESCORE_ELEMENTS
 

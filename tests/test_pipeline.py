@@ -248,8 +248,8 @@ def test_glr_query_finds_the_landmarks_of_test_photos(reproduced_repo):
 def test_dvc_dag_shows_the_stages(fresh_repo):
     dag = _dvc("dag", "--md", cwd=fresh_repo)
     for stage in ("synth", "prepare", "shard", f"init@{B}",
-                  *(f"train@{B}-{phase}" for phase in PHASES), f"extract@{B}", f"tag@{B}", "retrieve",
-                  "evaluate", "visualize"):
+                  *(f"train@{B}-{phase}" for phase in PHASES), f"extract@{B}", f"tag@{B}",
+                  "retrieve", "evaluate", "visualize"):
         assert stage in dag
 
 

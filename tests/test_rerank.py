@@ -560,8 +560,8 @@ def test_retrieve_main_ensembles_several_backbones(tmp_path):
     the ensemble's rerank computed as Σ w·base + Σ w·boosts a chunk at a time, equal to the
     dense Σ w·(base + boosts) of `rerank.ensemble`. The index tags come from the tag stage's
     tables, the dense side finds them itself: each backbone's rankings are the same."""
+    from benchmarks.authors_retrieval import write_clustered_features
     from glr import retrieve, tag
-    from glr.bench.authors_retrieval import write_clustered_features
     from glr.params import parse_params
 
     names, weights = ["resnet18", "resnet34"], [1.0, 0.5]
@@ -606,7 +606,7 @@ def test_retrieve_main_ensembles_several_backbones(tmp_path):
 
 def tag_features(tmp_path: Path):
     """One backbone's features in the extraction layout, and their params."""
-    from glr.bench.authors_retrieval import write_clustered_features
+    from benchmarks.authors_retrieval import write_clustered_features
     from glr.params import parse_params
 
     write_clustered_features(tmp_path / "features" / "resnet18", num_queries=5, num_index=60,

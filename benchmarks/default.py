@@ -1,18 +1,22 @@
 """`glr bench default`: does the embedded default learn, whichever mini-GLDv2 is drawn?
 
-For each synth seed (2021, 7 and 11 by default) the whole pipeline runs in a folder of its
-own, exactly as `make repro` runs it: this repository's dvc.yaml, params.yaml (with
-`synth.seed` set) and src/ (the stages' code dependencies) in a fresh DVC project
-(`dvc init --no-scm`), then `dvc repro` with this interpreter's `glr` first on PATH. Each
-run's wall time and final metrics are kept; the summary is the mean and spread (max − min)
-of plain and reranked mAP@100 over the seeds, checked against the issue's targets:
+For each synth seed (2021, 7 and 11 by default) the whole pipeline runs as a DVC experiment
+of this repository: `dvc exp run --temp --force --name bench-default-seed-<seed> -S
+synth.seed=<seed>`, with this interpreter's `glr` first on PATH. DVC runs it in a temporary
+copy of the workspace (HEAD plus uncommitted changes), every stage afresh (`--force`: no
+stage is restored from the run cache, so the wall time is the pipeline's), and keeps it as an
+experiment: `dvc exp show` lists the seeds' runs beside the workspace. An earlier experiment
+of the same name is replaced. Each run's wall time and final metrics (read from its
+experiment commit) are kept; the summary is the mean and spread (max − min) of plain and
+reranked mAP@100 over the seeds, checked against the issue's targets:
 
 - plain mAP@100 ≥ 0.40 on average, the rerank adding ≥ 0.05 on average;
 - a spread of plain and reranked mAP@100 of at most 0.08 over the seeds;
 - each seed's pipeline in at most 10 minutes on the machine that ran it.
 
-Results go to metrics/bench/default.json (and each run's log beside its folder while it
-runs). It takes three pipeline runs: about half an hour on a 2-core CPU.
+Results go to metrics/bench/default.json, each run's log to LOGS/seed-<seed>.log. It takes
+three pipeline runs: about 15 minutes on a 2-core CPU. The experiments' outputs stay in the
+DVC cache until `dvc exp remove` and `dvc gc`.
 """
 
 from __future__ import annotations
@@ -20,16 +24,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-
-import yaml
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +37,30 @@ SEEDS = (2021, 7, 11)
 METRICS_FILE = "metrics/evaluate/metrics.json"  # the evaluate stage's, in each project
 TARGETS = {"plain_mean_min": 0.40, "rerank_gain_mean_min": 0.05, "spread_max": 0.08,
            "seconds_max": 600.0}
-# What a pipeline run needs from the repository: the stage definitions, their parameters and
-# the code the stages depend on (the stages run the installed `glr`).
-PROJECT_FILES = ("dvc.yaml", "params.yaml")
-PROJECT_DIRS = ("src",)
 
 
-def seeded_params(params_text: str, seed: int) -> str:
-    """params.yaml's text with `synth.seed` set to `seed` (comments are not kept)."""
-    params = yaml.safe_load(params_text)
-    params["synth"]["seed"] = int(seed)
-    return yaml.safe_dump(params, sort_keys=False)
+def experiment_name(seed: int) -> str:
+    return f"bench-default-seed-{seed}"
+
+
+def experiment_command(dvc: str, seed: int) -> list[str]:
+    """The pipeline with `synth.seed` set, as a named experiment in a temporary directory,
+    every stage run (none restored from the run cache)."""
+    return [dvc, "exp", "run", "--temp", "--force", "--name", experiment_name(seed),
+            "--set-param", f"synth.seed={seed}"]
+
+
+def experiment_metrics(repo: Path, name: str) -> dict:
+    """The evaluate stage's metrics.json in the commit of experiment `name` (DVC keeps each
+    experiment under refs/exps/…/<name>; metrics files are in git, `cache: false`)."""
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
+                          cwd=repo, check=True, capture_output=True, text=True).stdout.split()
+    found = [ref for ref in refs if ref.rsplit("/", 1)[-1] == name]
+    if len(found) != 1:
+        raise RuntimeError(f"{repo}: {len(found)} experiments named {name!r} (refs/exps)")
+    text = subprocess.run(["git", "show", f"{found[0]}:{METRICS_FILE}"], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout
+    return json.loads(text)
 
 
 def final_scores(metrics: dict) -> dict:
@@ -85,37 +98,23 @@ def summarize(runs: Sequence[dict]) -> dict:
     return summary
 
 
-def make_project(repo: Path, work: Path, seed: int) -> Path:
-    """A fresh DVC project under `work` with the repository's pipeline and synth.seed=seed."""
-    project = work / f"seed-{seed}"
-    if project.exists():
-        shutil.rmtree(project)
-    project.mkdir(parents=True)
-    for name in PROJECT_FILES:
-        shutil.copy2(repo / name, project / name)
-    for name in PROJECT_DIRS:
-        shutil.copytree(repo / name, project / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (project / "params.yaml").write_text(seeded_params((repo / "params.yaml").read_text(),
-                                                       seed))
-    subprocess.run([_dvc(), "init", "--no-scm", "--quiet"], cwd=project, check=True)
-    return project
-
-
-def run_pipeline(project: Path) -> float:
-    """`dvc repro` in `project`, this interpreter's scripts first on PATH; its wall seconds.
-    The output goes to `<project>.log`; a failed run raises with the log's last lines."""
+def run_experiment(repo: Path, seed: int, logfile: Path) -> float:
+    """The seed's experiment in `repo` (an older one of its name removed first), this
+    interpreter's scripts first on PATH; its wall seconds. The output goes to `logfile`; a
+    failed run raises with the log's last lines."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}"
                                 f"{os.environ.get('PATH', '')}")
-    logfile = project.with_suffix(".log")
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([_dvc(), "exp", "remove", experiment_name(seed)], cwd=repo, env=env,
+                   capture_output=True)  # none yet: nothing to remove
     start = time.perf_counter()
     with logfile.open("w") as out:
-        done = subprocess.run([_dvc(), "repro"], cwd=project, env=env, stdout=out,
+        done = subprocess.run(experiment_command(_dvc(), seed), cwd=repo, env=env, stdout=out,
                               stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-20:])
-        raise RuntimeError(f"dvc repro failed in {project} (log {logfile}):\n{tail}")
+        raise RuntimeError(f"dvc exp run failed for seed {seed} (log {logfile}):\n{tail}")
     return seconds
 
 
@@ -124,25 +123,22 @@ def _dvc() -> str:
 
 
 def main(out: Path, seeds: Sequence[int] = SEEDS, repo: Path = Path("."),
-         workdir: Path | None = None, keep: bool = False) -> dict:
-    from glr.bench.extract import machine_info
+         logs: Path = Path("metrics/bench/default-logs")) -> dict:
+    from benchmarks.extract import machine_info
+
     repo = Path(repo).resolve()
-    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="glr-bench-default-"))
     runs = []
-    try:
-        for number, seed in enumerate(seeds, 1):
-            log.info("seed %d (%d/%d): dvc repro in %s", seed, number, len(seeds),
-                     work / f"seed-{seed}")
-            project = make_project(repo, work, seed)
-            seconds = run_pipeline(project)
-            metrics = json.loads((project / METRICS_FILE).read_text())
-            run = {"seed": seed, "seconds": round(seconds, 1), **final_scores(metrics)}
-            log.info("seed %d: plain %.4f, rerank %.4f mAP@100 in %.0f s", seed, run["plain"],
-                     run["rerank"], seconds)
-            runs.append(run)
-    finally:
-        if not keep and workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
+    for number, seed in enumerate(seeds, 1):
+        logfile = Path(logs) / f"seed-{seed}.log"
+        log.info("seed %d (%d/%d): experiment %s, log %s", seed, number, len(seeds),
+                 experiment_name(seed), logfile)
+        seconds = run_experiment(repo, seed, logfile)
+        metrics = experiment_metrics(repo, experiment_name(seed))
+        run = {"seed": seed, "experiment": experiment_name(seed), "seconds": round(seconds, 1),
+               **final_scores(metrics)}
+        log.info("seed %d: plain %.4f, rerank %.4f mAP@100 in %.0f s", seed, run["plain"],
+                 run["rerank"], seconds)
+        runs.append(run)
     result = {"seeds": list(seeds), "runs": runs, **summarize(runs), "targets": TARGETS,
               "machine": machine_info()}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,13 @@ BATCH = 32
 
 def authors_transform(size: int, pad: int):
     """The authors' per-sample pipeline: cv2 read + resize, then torchvision transforms."""
-    import cv2
+    try:
+        import cv2
+    except ImportError:
+        from glr.errors import UserError
+
+        raise UserError("glr bench loader times the authors' cv2 pipeline against glr's: "
+                        "install OpenCV with `pip install -e '.[bench]'`") from None
     import torchvision.transforms as T
     from PIL import Image
 

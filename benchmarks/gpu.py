@@ -2,7 +2,7 @@
 over the node's GPUs, in under 10 minutes.
 
 Three parts, on generated data (photos by `glr synth`, sharded by `glr shard`'s writer at the
-recipe's size; see `glr.bench.extract.make_shards`):
+recipe's size; see `benchmarks.extract.make_shards`):
 
 (a) training: steps of the quick recipe's phase p1 (recipes/gldv2-r50-256.yaml: ResNet50 at
     256 px, batch 128, SGD, ArcFace over GLDv2's 81,313 clean landmarks, fp16 autocast +
@@ -13,7 +13,7 @@ recipe's size; see `glr.bench.extract.make_shards`):
     across epochs; each round is a new epoch, whose first steps refill the shuffle buffers
     and are not timed, since an epoch amortizes them over thousands of steps. Target:
     loader ≥ 0.9 × memory.
-(b) extraction: `glr bench extract`'s comparison (`glr.bench.extract.compare`) of the stage's
+(b) extraction: `glr bench extract`'s comparison (`benchmarks.extract.compare`) of the stage's
     loop against the model alone, with the recipe's backbone, size and extraction batch.
 (c) retrieval at GLDv2 scale: `glr.rerank.reference_neighbors` for 1,129 queries and a
     50,000-image index against 1,000,000 references (random unit-norm float16 rows of 512),
@@ -23,7 +23,7 @@ recipe's size; see `glr.bench.extract.make_shards`):
 
 (d) with `--gpus N` (default: every visible GPU; 1 skips it): the steps of (a) under torchrun,
     with 1 process and then with N (DDP over nccl), and the scaling ratio
-    (`glr.bench.scaling`).
+    (`benchmarks.scaling`).
 
 Rounds of (a) and (b) alternate between their two sides; medians are reported, with ratios.
 Results go to metrics/bench/gpu.json. Without a GPU the command says so and writes nothing,
@@ -49,12 +49,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glr.bench import extract as bench_extract
-from glr.bench import scaling as bench_scaling
+from benchmarks import extract as bench_extract
+from benchmarks import scaling as bench_scaling
 
 log = logging.getLogger(__name__)
 
-RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "gldv2-r50-256.yaml"
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "gldv2-r50-256.yaml"
 GLDV2_CLEAN_LANDMARKS = 81_313  # the recipe's classes in phase p1 (train_clean.csv)
 
 

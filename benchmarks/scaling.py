@@ -7,7 +7,7 @@ images over the slowest rank's seconds; the scaling ratio is N processes' throug
 times one process's (1.0: perfect). Both runs read the same shards, side by side in one call.
 
 A dry run does the same on the CPU (gloo, toy sizes), so the tests run the torchrun path.
-Run as a module by the parent: `python -m torch.distributed.run ... -m glr.bench.scaling
+Run as a module by the parent: `python -m torch.distributed.run ... -m benchmarks.scaling
 --sizes SIZES.json --shards DIR --out RESULT.json`.
 """
 
@@ -33,8 +33,8 @@ def rank_run(sizes, shard_dir: Path, workers: int) -> dict:
     """This rank's timed steps under DDP; returns its images and seconds."""
     from torch.utils.data import DataLoader
 
+    from benchmarks import extract as bench_extract
     from glr import shards
-    from glr.bench import extract as bench_extract
     from glr.data import TrainStream, TrainTransform
     from glr.model import build_model, param_groups
     from glr.runtime import precision_context, setup_distributed
@@ -123,7 +123,7 @@ def measure(sizes, shard_dir: Path, processes: int, work: Path) -> dict:
         workers = min(sizes.workers, worker_fit(count, available_cpus()))
         out = work / f"scaling-{count}.json"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={count}", "-m", "glr.bench.scaling", "--sizes", str(spec),
+                   f"--nproc_per_node={count}", "-m", "benchmarks.scaling", "--sizes", str(spec),
                    "--shards", str(shard_dir), "--workers", str(workers), "--out", str(out)]
         log.info("scaling: %d process(es): %s", count, " ".join(command))
         subprocess.run(command, check=True, env=environ)
@@ -136,9 +136,9 @@ def measure(sizes, shard_dir: Path, processes: int, work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from glr.bench.gpu import Sizes
+    from benchmarks.gpu import Sizes
 
-    parser = argparse.ArgumentParser(prog="python -m glr.bench.scaling",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scaling",
                                      description="one rank of `glr bench gpu`'s part (d)")
     parser.add_argument("--sizes", type=Path, required=True)
     parser.add_argument("--shards", type=Path, required=True)

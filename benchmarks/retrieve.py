@@ -50,7 +50,7 @@ def machine() -> dict:
     import faiss
     import torch
 
-    from glr.bench.extract import cpu_summary
+    from benchmarks.extract import cpu_summary
 
     cpu = cpu_summary()
     return {"cpu": cpu["model"], "avx2": "avx2" in cpu["flags"],
@@ -163,7 +163,7 @@ def _run_ours(features_dir: str, out_dir: str, backbones: list[str], block_rows:
 
 def _run_authors(features_dir: str, sample: list[int], result: dict) -> None:
     """Child process: the authors' procedure on a sample of queries."""
-    from glr.bench.authors_retrieval import authors_retrieval
+    from benchmarks.authors_retrieval import authors_retrieval
     from glr.retrieve import load_features
 
     features = load_features(Path(features_dir))
@@ -213,7 +213,7 @@ def compare(num_refs: int, *, num_queries: int, num_index: int, dim: int, sample
             workdir: Path, rates: dict, precisions: list[str] = ("float32",),
             seed: int = 0) -> dict:
     """Ours (in each of `precisions`) against the authors' at one reference count."""
-    from glr.bench.authors_retrieval import write_clustered_features
+    from benchmarks.authors_retrieval import write_clustered_features
 
     folder = workdir / f"refs-{num_refs}"
     features_dir = folder / "features"
@@ -282,8 +282,8 @@ def accounting(workdir: Path, precisions: list[str], *, queries: int, index: int
     features, at a shape small enough for the emulated products (float16 on a CPU, bfloat16
     without native support): the counts depend on the margin and the data, not on the
     kernel's speed. Seconds are reported, but mean something only for native kernels."""
+    from benchmarks.authors_retrieval import write_clustered_features
     from glr import rerank, search
-    from glr.bench.authors_retrieval import write_clustered_features
     from glr.retrieve import load_features
     from glr.runtime import cpu_has_fast_bf16
 
@@ -311,7 +311,7 @@ def accounting(workdir: Path, precisions: list[str], *, queries: int, index: int
 def memory_check(workdir: Path, *, index: int, references: int, dim: int = 512,
                  backbones: int = 4, queries: int = GLDV2["queries"], seed: int = 1) -> dict:
     """retrieve.main with several backbones at a scaled shape: measured vs modelled."""
-    from glr.bench.authors_retrieval import write_clustered_features
+    from benchmarks.authors_retrieval import write_clustered_features
 
     folder = workdir / "memory"
     names = ["resnet18", "resnet34", "resnet50", "resnet101"][:backbones]
