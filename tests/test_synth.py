@@ -148,3 +148,22 @@ def test_camera_params_reach_the_photos():
     still_gap = np.corrcoef(grey[0].ravel(), grey[1].ravel())[0, 1]
     moved_gap = np.corrcoef(moved[0].ravel(), moved[1].ravel())[0, 1]
     assert still_gap > moved_gap
+
+
+def test_each_image_draws_from_its_own_streams():
+    """A random stream per entity: more Ignored queries add images and change no other id,
+    scene or orientation; other noisy-extra counts leave every clean, index and query image
+    as it was. (With one stream in program order, both would have changed every id.)"""
+    base = SynthParams()
+    images = {spec.key: spec for spec in synth.make_plan(base).images}
+    more = {spec.key: spec for spec in synth.make_plan(
+        dataclasses.replace(base, ignored_queries=base.ignored_queries + 3)).images}
+    assert set(more) - set(images) == {(synth.IGNORED, 0, base.ignored_queries + k)
+                                       for k in range(3)}
+    assert all(more[key] == spec for key, spec in images.items())
+    noisier = {spec.key: spec for spec in synth.make_plan(
+        dataclasses.replace(base, noisy_extras=[base.noisy_extras[1] + 1,
+                                                base.noisy_extras[1] + 2])).images}
+    kept = {key: spec for key, spec in images.items() if key[0] != synth.NOISY}
+    assert kept and all(noisier[key] == spec for key, spec in kept.items())
+    assert len(noisier) > len(images)

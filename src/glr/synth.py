@@ -16,8 +16,10 @@ content makes the method's parts measurable:
   (the same scene under a second train landmark and category), so their queries' ground truth
   spans two labels; test has Public, Private and Ignored (non-landmark) queries.
 
-The same seed gives the same bytes: every image draws from its own random stream, derived from
-the seed and the image's place in the plan, so worker count and order do not matter.
+The same seed gives the same bytes. Every random choice draws from a stream of its own, keyed
+by the seed and the entity it decides (a landmark, a photo set, an image, a country's style, a
+scene, one selection such as the test landmarks): the order of the code and the worker count
+never decide the data, and adding a draw for one entity changes no other.
 `synth_truth.json` (outside the GLDv2 files) records the counts the plan implies, which the
 tests compare with what `prepare` derives; `images.md5` (md5sum format) fingerprints the images
 for the shard stage, as GLDv2's official md5 files do.
@@ -62,8 +64,15 @@ SHAPES = ("block", "roof", "dome", "tower", "arch", "columns")
 PATTERNS = ("windows", "stripes", "bricks", "dots")
 PLACES = ("Temple", "Church", "Tower", "Gate", "Palace", "Bridge", "Fort", "Shrine", "Hall",
           "Pagoda", "Museum", "Castle", "Mosque", "Lighthouse")
-# Seed-stream tags: each random stream is keyed by (seed, tag, index).
-_PLAN, _STYLE, _SCENE, _PHOTO, _JUNK = range(5)
+# Seed-stream tags: each random stream is keyed by (seed, tag, *indices), one per entity.
+_COUNTRIES, _LANDMARK, _SELECT, _PHOTO_SET, _IMAGE, _STYLE, _SCENE, _PHOTO, _JUNK = range(9)
+# The selections (_SELECT, one stream each): landmarks to train ids, test landmarks among the
+# clean ones and among the extra ones, mapped distractors, index ids.
+_TRAIN_IDS, _TEST_FROM_CLEAN, _TEST_FROM_EXTRA, _MAPPED, _INDEX_IDS = range(5)
+# The roles of an image (_PHOTO_SET and _IMAGE keys: role, landmark, number): a clean train
+# photo, a noisy extra of a clean landmark, a photo of an extra landmark or twin, an index
+# photo, a query, an Ignored (non-landmark) query.
+CLEAN, NOISY, EXTRA, INDEX, QUERY, IGNORED = range(6)
 
 
 # --------------------------------------------------------------------------- plan
@@ -90,12 +99,13 @@ class Landmark:
 
 @dataclass
 class ImageSpec:
-    """One image to write: a photo of a scene (scene >= 0) or junk (scene = -1)."""
+    """One image to write: a photo of a scene (scene >= 0) or junk (scene = -1). `key`
+    (role, landmark, number) names its random streams."""
 
     id: str
     split: str
     scene: int
-    seed_index: int
+    key: tuple[int, int, int]
     landscape: bool
 
 
@@ -111,8 +121,8 @@ class Plan:
     truth: dict = field(default_factory=dict)
 
 
-def _rng(seed: int, tag: int, index: int = 0) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, tag, index]))
+def _rng(seed: int, tag: int, *indices: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, tag, *indices]))
 
 
 def _uniform_int(rng: np.random.Generator, bounds: list[int]) -> int:
@@ -141,124 +151,201 @@ def _country_weights(countries: list[Country]) -> np.ndarray:
     return weights / weights.sum()
 
 
-def make_plan(params: SynthParams) -> Plan:
-    """Decide every landmark, image id, label and query; no pixels yet."""
-    rng = _rng(params.seed, _PLAN)
-    countries = choose_countries(rng, params.countries)
+@dataclass(frozen=True)
+class Counts:
+    """How many landmarks of each kind a plan has (from the synth params)."""
+
+    clean: int
+    extra: int
+    test: int
+    twins: int
+    distractors: int
+    mapped: int
+
+    @classmethod
+    def of(cls, params: SynthParams) -> Counts:
+        n_clean, n_extra = params.clean_landmarks, params.extra_landmarks
+        n_test = min(params.test_landmarks, n_clean + n_extra)
+        return cls(n_clean, n_extra, n_test, min(params.split_landmarks, n_test),
+                   params.distractor_landmarks,
+                   min(round(params.distractor_landmarks * params.distractor_mapped_fraction),
+                       n_clean + n_extra - n_test))
+
+    @property
+    def world(self) -> int:
+        return self.clean + self.extra + self.twins + self.distractors - self.mapped
+
+
+def make_landmarks(params: SynthParams, countries: list[Country], count: int) -> list[Landmark]:
+    """The world's landmarks, each its country and name from its own stream."""
     weights = _country_weights(countries)
-
-    n_clean, n_extra = params.clean_landmarks, params.extra_landmarks
-    n_test = min(params.test_landmarks, n_clean + n_extra)
-    n_twins = min(params.split_landmarks, n_test)
-    n_distractors = params.distractor_landmarks
-    n_mapped = min(round(n_distractors * params.distractor_mapped_fraction),
-                   n_clean + n_extra - n_test)
-    n_world = n_clean + n_extra + n_twins + n_distractors - n_mapped
-
-    landmark_country = rng.choice(len(countries), size=n_world, p=weights)
     landmarks = []
-    for i in range(n_world):
-        country = countries[landmark_country[i]]
-        place = PLACES[int(rng.integers(len(PLACES)))]
-        name = f"Mini_{place}_{i:04d}_{country.code}"
+    for i in range(count):
+        rng = _rng(params.seed, _LANDMARK, i)
+        country = countries[int(rng.choice(len(countries), p=weights))]
+        name = f"Mini_{PLACES[int(rng.integers(len(PLACES)))]}_{i:04d}_{country.code}"
         if i % 7 == 3:  # some categories need CSV quoting, as in GLDv2
             name += f",_District_{i % 5}"
         landmarks.append(Landmark(i, name, country.code))
+    return landmarks
 
-    train_ids = rng.choice(np.arange(1, 203_094), size=n_clean + n_extra + n_twins, replace=False)
-    for landmark, train_id in zip(landmarks[: len(train_ids)], train_ids, strict=True):
+
+def _select(params: SynthParams, which: int) -> np.random.Generator:
+    return _rng(params.seed, _SELECT, which)
+
+
+def _count(params: SynthParams, role: int, landmark: int, bounds: list[int]) -> int:
+    """How many images of `role` landmark `landmark` has (its photo set's stream)."""
+    return _uniform_int(_rng(params.seed, _PHOTO_SET, role, landmark), bounds)
+
+
+def make_plan(params: SynthParams) -> Plan:
+    """Decide every landmark, image id, label and query; no pixels yet."""
+    n = Counts.of(params)
+    countries = choose_countries(_rng(params.seed, _COUNTRIES), params.countries)
+    landmarks = make_landmarks(params, countries, n.world)
+    trained = n.clean + n.extra + n.twins
+    train_ids = _select(params, _TRAIN_IDS).choice(np.arange(1, 203_094), size=trained,
+                                                   replace=False)
+    for landmark, train_id in zip(landmarks[:trained], train_ids, strict=True):
         landmark.train_id = int(train_id)
-    clean = landmarks[:n_clean]
-    extra = landmarks[n_clean: n_clean + n_extra]
-    twins = landmarks[n_clean + n_extra: n_clean + n_extra + n_twins]
-    unmapped = landmarks[n_clean + n_extra + n_twins:]
+    clean = landmarks[:n.clean]
+    extra = landmarks[n.clean: n.clean + n.extra]
+    twins = landmarks[n.clean + n.extra: trained]
+    unmapped = landmarks[trained:]
 
     # Test landmarks: a share from clean, the rest from the extra landmarks.
-    from_clean = min(round(n_test * params.test_landmarks_from_clean), n_clean)
-    from_extra = min(n_test - from_clean, n_extra)
-    from_clean = n_test - from_extra
-    test = ([clean[i] for i in rng.choice(n_clean, size=from_clean, replace=False)]
-            + [extra[i] for i in rng.choice(n_extra, size=from_extra, replace=False)])
-    for twin, original in zip(twins, test[:n_twins], strict=True):
+    from_extra = min(n.test - min(round(n.test * params.test_landmarks_from_clean), n.clean),
+                     n.extra)
+    from_clean = n.test - from_extra
+    test = ([clean[i] for i in _select(params, _TEST_FROM_CLEAN).choice(
+                n.clean, size=from_clean, replace=False)]
+            + [extra[i] for i in _select(params, _TEST_FROM_EXTRA).choice(
+                n.extra, size=from_extra, replace=False)])
+    for twin, original in zip(twins, test[:n.twins], strict=True):
         twin.twin_of = original.index  # same scene, own train landmark and category
         twin.country = original.country
         twin.category = f"{original.category.split(',')[0]}_(north_side)"
     test_set = {lm.index for lm in test}
     others = [lm for lm in clean + extra if lm.index not in test_set]
-    mapped = [others[i] for i in rng.choice(len(others), size=n_mapped, replace=False)]
+    mapped = [others[i] for i in _select(params, _MAPPED).choice(len(others), size=n.mapped,
+                                                                  replace=False)]
     index_landmarks = test + twins + mapped + unmapped
-    index_ids = rng.choice(np.arange(1, 100_000), size=len(index_landmarks), replace=False)
+    index_ids = _select(params, _INDEX_IDS).choice(np.arange(1, 100_000),
+                                                   size=len(index_landmarks), replace=False)
     for landmark, index_id in zip(index_landmarks, index_ids, strict=True):
         landmark.index_id = int(index_id)
 
     plan = Plan(countries, landmarks)
-    new_id = _id_factory(rng)
-
-    def photo(split: str, scene: int) -> str:
-        image_id = new_id()
-        plan.images.append(ImageSpec(image_id, split, scene, len(plan.images),
-                                     bool(rng.random() < 0.7)))
-        return image_id
-
-    def scene_of(landmark: Landmark) -> int:
-        return landmark.twin_of if landmark.twin_of is not None else landmark.index
-
+    photos = _PhotoMaker(params, plan)
     # train.csv: clean images + noisy extras of clean landmarks, extra landmarks, twins
-    train_rows = []
-    n_clean_images = n_extras = 0
+    train_rows: list[tuple[str, int]] = []
+    n_extras = 0
     for landmark in clean:
-        ids = [photo("train", scene_of(landmark))
-               for _ in range(_uniform_int(rng, params.clean_images))]
+        ids = [photos.take(CLEAN, landmark, k)
+               for k in range(_count(params, CLEAN, landmark.index, params.clean_images))]
         plan.clean_rows.append((landmark.train_id, ids))
-        n_clean_images += len(ids)
         train_rows += [(i, landmark.train_id) for i in ids]
-        for _ in range(_uniform_int(rng, params.noisy_extras)):
-            if rng.random() < params.junk_fraction or len(landmarks) < 2:
-                scene = -1
-            else:
-                other = int(rng.integers(len(landmarks) - 1))
-                scene = scene_of(landmarks[other + (other >= landmark.index)])
-            train_rows.append((photo("train", scene), landmark.train_id))
+        for k in range(_count(params, NOISY, landmark.index, params.noisy_extras)):
+            train_rows.append((photos.noisy(landmark, k), landmark.train_id))
             n_extras += 1
     for landmark in extra + twins:
-        train_rows += [(photo("train", scene_of(landmark)), landmark.train_id)
-                       for _ in range(_uniform_int(rng, params.extra_images))]
-    order = rng.permutation(len(train_rows))  # train.csv is not grouped by landmark
-    plan.clean_rows.sort(key=lambda row: row[0])  # train_clean.csv is sorted by landmark_id
-    plan.train_rows = [train_rows[i] for i in order]
+        train_rows += [(photos.take(EXTRA, landmark, k), landmark.train_id)
+                       for k in range(_count(params, EXTRA, landmark.index, params.extra_images))]
+    # train.csv is not grouped by landmark: rows in the order of their (random) ids;
+    # train_clean.csv is sorted by landmark_id
+    plan.train_rows = sorted(train_rows)
+    plan.clean_rows.sort(key=lambda row: row[0])
 
     # index: images of every index landmark
     index_images: dict[int, list[str]] = {}
     for landmark in index_landmarks:
-        ids = [photo("index", scene_of(landmark))
-               for _ in range(_uniform_int(rng, params.index_images))]
+        ids = [photos.take(INDEX, landmark, k)
+               for k in range(_count(params, INDEX, landmark.index, params.index_images))]
         index_images[landmark.index] = ids
         plan.index_rows += [(i, landmark.index_id) for i in ids]
 
     # test: queries of test landmarks (ground truth = their index images and their twin's)
     twin_of = {twin.twin_of: twin for twin in twins}
-    queries: list[tuple[str, list[str], str]] = []
-    query_labels = 0
+    queries: list[tuple[str, str, list[str]]] = []
+    query_labels = 0  # a query of a landmark with a twin carries both labels
     for landmark in test:
         truth = list(index_images[landmark.index])
         if landmark.index in twin_of:
             truth += index_images[twin_of[landmark.index].index]
-        for _ in range(_uniform_int(rng, params.queries_per_landmark)):
-            usage = "Public" if rng.random() < params.public_fraction else "Private"
-            queries.append((photo("test", scene_of(landmark)), truth, usage))
+        for k in range(_count(params, QUERY, landmark.index, params.queries_per_landmark)):
+            queries.append((*photos.query(landmark, k), truth))
             query_labels += 2 if landmark.index in twin_of else 1
-    queries += [(photo("test", -1), [], "Ignored") for _ in range(params.ignored_queries)]
-    plan.solution_rows = [queries[i] for i in rng.permutation(len(queries))]
-
-    n_train = len(plan.train_rows)
+    queries += [(photos.take(IGNORED, None, k), "Ignored", [])
+                for k in range(params.ignored_queries)]
+    plan.solution_rows = [(i, truth, usage) for i, usage, truth in sorted(queries)]
+    photos.check_unique()
     n_index_mapped = sum(len(index_images[lm.index]) for lm in test + twins + mapped)
+    plan.truth = plan_truth(plan, params, n, n_extras, n_index_mapped, query_labels)
+    return plan
+
+
+class _PhotoMaker:
+    """Adds the plan's images, each with its id, orientation and choices drawn from its own
+    stream (role, landmark, number)."""
+
+    def __init__(self, params: SynthParams, plan: Plan):
+        self.params, self.plan = params, plan
+
+    def _image(self, role: int, landmark: Landmark | None, k: int, scene: int | None = None
+               ) -> tuple[str, np.random.Generator]:
+        owner = 0 if landmark is None else landmark.index  # Ignored queries: the role says it
+        rng = _rng(self.params.seed, _IMAGE, role, owner, k)
+        image_id = f"{int(rng.integers(0, 2**63)) * 2 + int(rng.integers(0, 2)):016x}"
+        landscape = bool(rng.random() < 0.7)
+        if scene is None:
+            scene = -1 if landmark is None else _scene_of(landmark)
+        split = {INDEX: "index", QUERY: "test", IGNORED: "test"}.get(role, "train")
+        self.plan.images.append(ImageSpec(image_id, split, scene, (role, owner, k), landscape))
+        return image_id, rng
+
+    def take(self, role: int, landmark: Landmark | None, k: int) -> str:
+        return self._image(role, landmark, k)[0]
+
+    def noisy(self, landmark: Landmark, k: int) -> str:
+        """A noisy extra of a clean landmark: junk, or a photo of another landmark."""
+        choice = _rng(self.params.seed, _IMAGE, NOISY, landmark.index, k, 1)
+        landmarks = self.plan.landmarks
+        scene = -1
+        if choice.random() >= self.params.junk_fraction and len(landmarks) > 1:
+            other = int(choice.integers(len(landmarks) - 1))
+            scene = _scene_of(landmarks[other + (other >= landmark.index)])
+        return self._image(NOISY, landmark, k, scene)[0]
+
+    def query(self, landmark: Landmark, k: int) -> tuple[str, str]:
+        """A query of a test landmark: (id, Public or Private)."""
+        image_id, rng = self._image(QUERY, landmark, k)
+        return image_id, "Public" if rng.random() < self.params.public_fraction else "Private"
+
+    def check_unique(self) -> None:
+        ids = [spec.id for spec in self.plan.images]
+        if len(set(ids)) != len(ids):  # 64-bit random ids: about n²/2^65, never seen
+            raise ValueError(f"synth.seed {self.params.seed} draws one image id twice; "
+                             "choose another seed")
+
+
+def _scene_of(landmark: Landmark) -> int:
+    return landmark.twin_of if landmark.twin_of is not None else landmark.index
+
+
+def plan_truth(plan: Plan, params: SynthParams, n: Counts, n_extras: int,
+               n_index_mapped: int, query_labels: int) -> dict:
+    """The counts the plan implies, per list (what `prepare` must derive): `n_extras` noisy
+    extras, `n_index_mapped` index images of train landmarks, `query_labels` (query, label)
+    pairs."""
+    n_clean_images = sum(len(ids) for _, ids in plan.clean_rows)
+    n_train = len(plan.train_rows)
     n_all = n_train + n_index_mapped + params.ignored_queries
-    n_train_labels = n_clean + n_extra + n_twins
-    scored = [q for q in queries if q[2] != "Ignored"]
-    plan.truth = {
-        "clean": {"images": n_clean_images, "labels": n_clean},
-        "c2x": {"images": n_clean_images + n_extras, "labels": n_clean,
-                "noisy": n_extras},
+    n_train_labels = n.clean + n.extra + n.twins
+    scored = [usage for _, _, usage in plan.solution_rows if usage != "Ignored"]
+    return {
+        "clean": {"images": n_clean_images, "labels": n.clean},
+        "c2x": {"images": n_clean_images + n_extras, "labels": n.clean, "noisy": n_extras},
         "full": {"images": n_train, "labels": n_train_labels,
                  "noisy": n_train - n_clean_images},
         "all_holdout": {"images": n_all, "labels": n_train_labels,
@@ -268,27 +355,12 @@ def make_plan(params: SynthParams) -> Plan:
         "reference_holdout": {"images": n_all - params.ignored_queries},
         "index": {"images": len(plan.index_rows), "mapped": n_index_mapped,
                   "unmapped": len(plan.index_rows) - n_index_mapped},
-        "val_queries": {"total": len(scored),
-                        "public": sum(q[2] == "Public" for q in scored),
-                        "private": sum(q[2] == "Private" for q in scored)},
-        "landmarks": {"clean": n_clean, "extra": n_extra, "twins": n_twins, "test": n_test,
-                      "distractors_mapped": n_mapped,
-                      "distractors_unmapped": len(unmapped)},
+        "val_queries": {"total": len(scored), "public": scored.count("Public"),
+                        "private": scored.count("Private")},
+        "landmarks": {"clean": n.clean, "extra": n.extra, "twins": n.twins, "test": n.test,
+                      "distractors_mapped": n.mapped,
+                      "distractors_unmapped": n.distractors - n.mapped},
     }
-    return plan
-
-
-def _id_factory(rng: np.random.Generator):
-    seen: set[str] = set()
-
-    def new_id() -> str:
-        while True:
-            value = f"{int(rng.integers(0, 2**63)) * 2 + int(rng.integers(0, 2)):016x}"
-            if value not in seen:
-                seen.add(value)
-                return value
-
-    return new_id
 
 
 # --------------------------------------------------------------------------- rendering
@@ -514,10 +586,10 @@ def _render_group(args: tuple) -> list[str]:
     for spec in specs:
         w, h = (width, height) if spec.landscape else (height, width)
         if scene >= 0:
-            rng = _rng(seed, _PHOTO, spec.seed_index)
+            rng = _rng(seed, _PHOTO, *spec.key)
             image = photograph(scene_image, rng, w, h, camera)
         else:
-            image = junk(_rng(seed, _JUNK, spec.seed_index), w, h)
+            image = junk(_rng(seed, _JUNK, *spec.key), w, h)
         relpath = image_relpath(spec.split, spec.id)
         path = Path(root) / relpath
         path.parent.mkdir(parents=True, exist_ok=True)
