@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -433,3 +434,18 @@ def test_a_rejected_params_value_deletes_no_output(reproduced_repo):
         _git("checkout", "HEAD", "--", "params.yaml", cwd=repo)
         assert (repo / "params.yaml").read_bytes() == params
     assert _dvc("status", cwd=repo).strip().endswith("up to date.")
+
+
+def test_a_rerank_experiment_reruns_no_tagging(reproduced_repo):
+    """`dvc exp run -S retrieve.alpha=0.5`: the index tags depend on the features only, so the
+    experiment reruns retrieve and what follows, and no tag, extract or train stage. Run in a
+    temporary directory (`--temp`): the workspace keeps its outputs."""
+    repo = reproduced_repo
+    before = _sha256s(repo, ["data", "models", "metrics"])
+    output = _dvc("exp", "run", "--temp", "--name", "alpha-half", "-S", "retrieve.alpha=0.5",
+                  cwd=repo)
+    ran = re.findall(r"Running stage '([^']+)'", output)
+    assert ran == ["check", "retrieve", "evaluate", "visualize"], output
+    assert f"Stage 'tag@{B}' didn't change, skipping" in output
+    assert _sha256s(repo, ["data", "models", "metrics"]) == before
+    _dvc("exp", "remove", "alpha-half", cwd=repo)
