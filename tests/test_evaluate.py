@@ -60,9 +60,10 @@ def test_evaluate_logs_short_names_per_variant_and_one_precision_chart_per_model
     assert files_of(live) == ["metrics.json", "plots/custom/precision_at_k/resnet18.json"]
     curve = json.loads((live / "plots/custom/precision_at_k/resnet18.json").read_text())
     assert [row["k"] for row in curve] == list(evaluate.CURVE_KS)
-    assert curve[:3] == [{"k": 1, "plain": 0.5, "rerank": 1.0},
-                         {"k": 2, "plain": 0.5, "rerank": 0.75},
-                         {"k": 3, "plain": 0.5, "rerank": pytest.approx(0.5)}]
+    none = {"superglobal": None, "rerank_superglobal": None}  # retrieve.superglobal off
+    assert curve[:3] == [{"k": 1, "plain": 0.5, "rerank": 1.0, **none},
+                         {"k": 2, "plain": 0.5, "rerank": 0.75, **none},
+                         {"k": 3, "plain": 0.5, "rerank": pytest.approx(0.5), **none}]
 
     headline = evaluate.headline(summary).splitlines()
     assert headline[2].split() == ["resnet18", "plain", "search", "0.6667", "0.5000", "0.8333"]
@@ -82,13 +83,36 @@ def test_several_backbones_nest_per_model_and_plot_one_chart_per_model():
     assert summary["resnest101e"]["rerank"] == {"map100": 0.5, "map100_public": 0.25,
                                                 "map100_private": 0.75}
     curves = {name: [0.1 * i, 0.2 * i] for i, name in enumerate(names)}
+    none = {"superglobal": None, "rerank_superglobal": None}
     assert evaluate.curve_rows(curves, "resnest101e", ks=(1, 5)) == [
-        {"k": 1, "plain": 0.2, "rerank": pytest.approx(0.3)},
-        {"k": 5, "plain": 0.4, "rerank": pytest.approx(0.6)}]
+        {"k": 1, "plain": 0.2, "rerank": pytest.approx(0.3), **none},
+        {"k": 5, "plain": 0.4, "rerank": pytest.approx(0.6), **none}]
     assert evaluate.split_variant("resnet50.a1_in1k-rerank") == ("resnet50.a1_in1k", "rerank")
     # retrieve.rerank: false: no rerank rankings, a null field (dvc.yaml's chart names both)
     assert evaluate.curve_rows({"resnet50-plain": [0.5, 0.25]}, "resnet50", ks=(1, 5)) == [
-        {"k": 1, "plain": 0.5, "rerank": None}, {"k": 5, "plain": 0.25, "rerank": None}]
+        {"k": 1, "plain": 0.5, "rerank": None, **none},
+        {"k": 5, "plain": 0.25, "rerank": None, **none}]
+
+
+def test_superglobal_variants_are_scored_charted_and_shown():
+    """retrieve.superglobal: `<backbone>-superglobal` and `-rerank_superglobal` become
+    `<backbone>.superglobal.map100` and `.rerank_superglobal.map100`, fields of the model's
+    precision@k chart, and rows of the headline."""
+    names = {"resnet50-plain": 0.4, "resnet50-rerank": 0.5, "resnet50-superglobal": 0.45,
+             "resnet50-rerank_superglobal": 0.55}
+    results = {name: {"map@100": value, "map@100_public": value, "map@100_private": value,
+                      "queries": 2, "queries_public": 1, "queries_private": 1, "answered": 2}
+               for name, value in names.items()}
+    summary = evaluate.summarize(results, "resnet50-rerank", False)
+    assert summary["resnet50"]["superglobal"]["map100"] == 0.45
+    assert summary["resnet50"]["rerank_superglobal"]["map100"] == 0.55
+    curves = {name: [value] for name, value in names.items()}
+    assert evaluate.curve_rows(curves, "resnet50", ks=(1,)) == [
+        {"k": 1, "plain": 0.4, "rerank": 0.5, "superglobal": 0.45, "rerank_superglobal": 0.55}]
+    rows = [line.split() for line in evaluate.headline(summary).splitlines()[2:6]]
+    assert [row[1:-3] for row in rows] == [["plain", "search"], ["+", "rerank"],
+                                          ["SuperGlobal"], ["rerank", "+", "SG"]]
+    assert [row[-3] for row in rows] == ["0.4000", "0.5000", "0.4500", "0.5500"]
 
 
 def test_standalone_scores_a_submission_with_the_same_short_names(tmp_path, capsys):

@@ -23,6 +23,7 @@ from glr.model import (
     convert_ibn_a,
     count_parameters,
     create_backbone,
+    dynamic_margins,
     load_backbone_weights,
     load_phase_weights,
     map_ibn_net_keys,
@@ -219,6 +220,74 @@ def test_arcface_computes_in_float32_under_autocast() -> None:
     # matmul inside the head would add up to s * 2 * 2^-8 = 0.23 on top.
     tolerance = 30.0 * math.asin(2.0**-9) + 2 * arcface_float32_tolerance(30.0, 6)
     torch.testing.assert_close(half_precision_logits, expected, rtol=0, atol=tolerance)
+
+
+def test_subcenter_arcface_takes_each_class_best_center() -> None:
+    """k = 3 sub-centers (the 1st place's): a class's cosine is the best of its 3 centers
+    (rows c·3 … c·3 + 2), and the target's margin uses the angle to that best center, so the
+    logits equal one-center ArcFace with each class's nearest center as its weight."""
+    torch.manual_seed(0)
+    head = ArcFace(in_features=6, num_classes=4, s=45.0, m=0.3, subcenters=3)
+    assert head.weight.shape == (12, 6)
+    features = torch.randn(5, 6)
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    logits = head(features, labels)
+    unit = F.normalize(features.double())
+    centers = F.normalize(head.weight.detach().double()).view(4, 3, 6)
+    per_center = torch.einsum("bd,ckd->bck", unit, centers)
+    # the reference with, for every row, each class's best center as that class's weight
+    for row in range(5):
+        best = per_center[row].argmax(dim=1)
+        weight = centers[torch.arange(4), best]
+        expected = arcface_reference(features[row:row + 1], weight, labels[row:row + 1],
+                                     45.0, 0.3)
+        torch.testing.assert_close(logits[row:row + 1].double(), expected, rtol=0,
+                                   atol=arcface_float32_tolerance(45.0, 6))
+
+
+def test_arcface_margins_per_class() -> None:
+    """set_margins: each target gets its own class's margin; the rule past π − m uses it too."""
+    torch.manual_seed(0)
+    head = ArcFace(in_features=6, num_classes=5, s=30.0, m=0.3)
+    margins = torch.tensor([0.05, 0.5, 0.2, 0.45, 0.1], dtype=torch.float64)
+    head.set_margins(margins)
+    torch.testing.assert_close(head.margins.double(), margins, rtol=0, atol=2 * FLOAT32_U)
+    features, labels = arcface_inputs(head)
+    logits = head(features, labels)
+    tolerance = arcface_float32_tolerance(30.0, 6)
+    for row, label in enumerate(labels.tolist()):
+        expected = arcface_reference(features[row:row + 1], head.weight.detach(),
+                                     labels[row:row + 1], 30.0, float(margins[label]))
+        torch.testing.assert_close(logits[row:row + 1].double(), expected, rtol=0,
+                                   atol=tolerance)
+    with pytest.raises(ValueError, match=r"margins of shape \(3,\) for 5 classes"):
+        head.set_margins(torch.zeros(3))
+
+
+def test_dynamic_margins_follow_the_formula() -> None:
+    """m_c = low + (high − low)·(t_c − min t)/(max t − min t), t_c = n_c^(−1/4): 1, 16, 81 and
+    10,000 images give t = 1, 1/2, 1/3, 1/10, i.e. 0.5, 0.25, 1/6 and 0.05 with [0.05, 0.5].
+    A class without images and a list of equal counts get `high`."""
+    margins = dynamic_margins([1, 16, 81, 0, 10_000], 0.05, 0.5)
+    assert margins.dtype == torch.float64
+    torch.testing.assert_close(margins, torch.tensor([0.5, 0.25, 1 / 6, 0.5, 0.05],
+                                                     dtype=torch.float64),
+                               rtol=0, atol=8 * 2.0**-52)
+    assert dynamic_margins([7, 7, 0], 0.05, 0.5).tolist() == [0.5, 0.5, 0.5]
+
+
+def test_subcenter_classifier_grows_by_whole_classes() -> None:
+    """A later phase with more classes keeps the old classes' k centers each (class-major
+    rows) and adds k fresh rows per new class."""
+    old = small_model(num_classes=5, embedding_dim=8, arcface_subcenters=3)
+    torch.manual_seed(1)
+    new = build_model("resnet10t", 9, embedding_dim=8, arcface_subcenters=3)
+    fresh = new.head.weight.detach().clone()
+    load_phase_weights(new, old.state_dict())
+    assert new.head.weight.shape == (27, 8)
+    torch.testing.assert_close(new.head.weight[:15], old.head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(new.head.weight[15:], fresh[15:], rtol=0, atol=0)
+    assert model_from_config(new.config).head.subcenters == 3
 
 
 def test_arcface_weight_init_is_xavier_uniform() -> None:
@@ -669,10 +738,12 @@ def test_skip_fc_keys_refuses_timm_weights() -> None:
 # --- RetrievalNet ------------------------------------------------------------------------------
 
 
-def small_model(num_classes: int = 5, embedding_dim: int = 8) -> nn.Module:
+def small_model(num_classes: int = 5, embedding_dim: int = 8, arcface_subcenters: int = 1
+                ) -> nn.Module:
     """A resnet10t RetrievalNet, seeded."""
     torch.manual_seed(0)
-    return build_model("resnet10t", num_classes, embedding_dim=embedding_dim)
+    return build_model("resnet10t", num_classes, embedding_dim=embedding_dim,
+                       arcface_subcenters=arcface_subcenters)
 
 
 def test_retrieval_net_structure() -> None:
@@ -755,7 +826,11 @@ def test_config_is_json_and_rebuilds_the_model() -> None:
     model = build_model("resnet10t", 7, embedding_dim=16, gem_p=3.0, arcface_s=30.0,
                         arcface_m=0.3)
     assert model.config == {"backbone": "resnet10t", "num_classes": 7, "embedding_dim": 16,
-                            "gem_p": 3.0, "arcface_s": 30.0, "arcface_m": 0.3}
+                            "gem_p": 3.0, "arcface_s": 30.0, "arcface_m": 0.3,
+                            "arcface_subcenters": 1}
+    # a config written before sub-centers existed rebuilds with one center per class
+    older = {key: value for key, value in model.config.items() if key != "arcface_subcenters"}
+    assert model_from_config(older).config == model.config
     rebuilt = model_from_config(json.loads(json.dumps(model.config)))
     assert rebuilt.config == model.config
     rebuilt.load_state_dict(model.state_dict())

@@ -13,7 +13,7 @@ from glr import cli
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ("list", "size", "pad", "batch", "epochs", "lr", "weight_decay", "warmup_epochs",
-           "sampler", "arcface_s", "arcface_m", "init")
+           "sampler", "arcface_s", "arcface_m", "arcface_subcenters", "arcface_dynamic", "init")
 LISTS = {"p1": "clean", "p2": "c2x", "p3": "full", "p4": "all"}
 
 # backbone: phase -> (size, pad, batch, epochs, lr, weight decay, s, m, starts from)
@@ -47,6 +47,7 @@ def expected_row(values: tuple, phase: str, list_name: str, sampler: str) -> dic
     return {"list": list_name, "size": size, "pad": pad, "batch": batch, "epochs": epochs,
             "lr": lr, "weight_decay": wd, "warmup_epochs": 1.0 if phase == "p1" else 0.0,
             "sampler": sampler, "arcface_s": float(s), "arcface_m": m,
+            "arcface_subcenters": 1, "arcface_dynamic": None,
             "init": {"phase": phase_name, "epoch": int(epoch) if epoch else None}}
 
 
@@ -63,6 +64,22 @@ def test_the_authors_recipe_is_their_table(capsys):
                 for backbone, phases in AUTHORS.items()}
     assert plan == expected
     assert all(list(phases) == ["p1", "p2", "p3", "p4"] for phases in plan.values())
+
+
+def test_the_beyond_recipe_is_the_authors_with_the_first_places_loss(capsys):
+    """gldv2-beyond.yaml: every phase of every backbone as the authors' table, except the loss:
+    s 45, 3 sub-centers, dynamic margins [0.05, 0.5] (the ResNeSt269's s 60, m 0 dropped)."""
+    plan = plan_json(REPO / "recipes/gldv2-beyond.yaml", capsys)
+    expected = {backbone: {phase: {**expected_row(values, phase, LISTS[phase],
+                                                  "continent" if phase == "p4" else "softmax"),
+                                   "arcface_s": 45.0, "arcface_m": 0.3,
+                                   "arcface_subcenters": 3, "arcface_dynamic": [0.05, 0.5]}
+                           for phase, values in phases.items()}
+                for backbone, phases in AUTHORS.items()}
+    assert plan == expected
+    assert cli.main(["plan", "--params", str(REPO / "recipes/gldv2-beyond.yaml")]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].split()[-4:] == ["3", "[0.05,", "0.5]", "pretrained"]
 
 
 def test_the_quick_r50_recipe_is_theirs(capsys):

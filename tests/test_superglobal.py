@@ -108,3 +108,44 @@ def test_boosts_are_added_to_the_candidates_new_scores():
     assert set(ids[0].tolist()) == set(plain_ids[0].tolist())
     position = plain_ids[0].tolist().index(last_candidate)
     assert values[0, 0] == pytest.approx(plain_values[0, position] + 1.1, abs=2.0**-20)
+
+
+def test_the_retrieve_stage_writes_both_superglobal_variants(tmp_path):
+    """retrieve.superglobal: `<backbone>-superglobal` is SuperGlobal on the plain cosine,
+    `<backbone>-rerank_superglobal` on the reranked scores with the tags' boosts added; the
+    final submission stays the Landmark-Country rerank."""
+    import json
+
+    from benchmarks.authors_retrieval import write_clustered_features
+    from glr import rerank, retrieve, tag
+    from glr.params import parse_params
+
+    write_clustered_features(tmp_path / "features" / "resnet18", num_queries=6, num_index=90,
+                             num_refs=300, dim=16, num_landmarks=30, num_countries=4, seed=4)
+    params = parse_params({"model": {"pretrained": False, "backbones": ["resnet18"]},
+                           "train": {"recipe": {"resnet18-p1": {
+                               "backbone": "resnet18", "phase": "p1", "init": "pretrained"}}},
+                           "retrieve": {"k": 20, "k_neighbors": 8, "superglobal": True,
+                                        "superglobal_m": 30, "superglobal_k": 4}})
+    tag.main(params, "resnet18", tmp_path / "features", tmp_path / "tags")
+    rankings = retrieve.main(params, tmp_path / "features", tmp_path / "tags",
+                             tmp_path / "retrieval")
+    assert set(rankings) == {"resnet18-plain", "resnet18-rerank", "resnet18-superglobal",
+                             "resnet18-rerank_superglobal"}
+    listing = json.loads((tmp_path / "retrieval/variants.json").read_text())
+    assert listing["final"] == "resnet18-rerank"
+    features = retrieve.load_features(tmp_path / "features" / "resnet18")
+    codes = tag.country_codes(features.ref_countries)
+    plain, reranked = retrieve.backbone_scores(features, params, codes)
+    settings = SuperGlobalSettings(30, 4, 0.15)
+    ids = np.asarray(features.index_ids, dtype=object)
+    expected, _ = superglobal.rerank_rows(plain, features.query, features.index, 20, settings)
+    assert rankings["resnet18-superglobal"]["images"].tolist() == [list(ids[row])
+                                                                   for row in expected]
+    boosts = reranked - plain  # the tags' α·w + β·v, up to float32 rounding of each sum
+    expected, _ = superglobal.rerank_rows(reranked, features.query, features.index, 20,
+                                          settings, boosts=boosts)
+    got = rankings["resnet18-rerank_superglobal"]["images"].tolist()
+    assert got == [list(ids[row]) for row in expected]
+    assert rankings["resnet18-rerank"]["images"].tolist() == [
+        list(ids[row]) for row in rerank.top_k_ids(reranked, 20)[0]]

@@ -292,6 +292,49 @@ def test_two_phases_grow_the_classifier_and_write_models(small_pipeline, shard_d
     assert list((tmp_path / "runs/resnet10t/p1/tensorboard").iterdir())
 
 
+def test_subcenters_and_dynamic_margins_through_two_phases(small_pipeline, shard_dir, tmp_path,
+                                                           monkeypatch):
+    """The 1st place's loss in both phases: 3 centers per class (the classifier grows by whole
+    classes), and each phase's margins are `dynamic_margins` of its list's images per label,
+    counted here from the shards' own samples."""
+    import tarfile
+
+    from glr.model.layers import ArcFace, dynamic_margins
+
+    loss = {"arcface_subcenters": 3, "arcface_dynamic": [0.05, 0.5]}
+    base = tiny_params(small_pipeline[0])
+    phases = {name: {**dataclasses.asdict(phase), **loss}
+              for name, phase in base.train.phases.items()}
+    params = tiny_params(small_pipeline[0], phases=phases)
+    train.init_main(params, "resnet10t", tmp_path / "models")
+    applied = []
+    set_margins = ArcFace.set_margins
+
+    def recording(self, margins):
+        applied.append(margins.clone())
+        set_margins(self, margins)
+
+    monkeypatch.setattr(ArcFace, "set_margins", recording)
+    for phase in ("p1", "p2"):
+        applied.clear()
+        run_phase(params, shard_dir, tmp_path, phase)
+        plan = train.plan_phase(params, "resnet10t", phase, shard_dir, tmp_path / "models",
+                                tmp_path / "runs", world=1)
+        counts = Counter()
+        for group in plan.groups:
+            for path in sorted(shards.group_dir(shard_dir, group).glob("*.tar")):
+                with tarfile.open(path) as tar:
+                    counts.update(json.loads(tar.extractfile(m).read())["label"]
+                                  for m in tar.getmembers() if m.name.endswith(".json"))
+        expected = torch.tensor([counts[label] for label in range(plan.num_classes)])
+        assert torch.equal(plan.label_images, expected)
+        # the fixed m when the model is built, then the phase's dynamic margins
+        assert torch.equal(applied[-1], dynamic_margins(expected, 0.05, 0.5))
+        model, config = load_model(tmp_path / "models/resnet10t" / phase)
+        assert model.config["arcface_subcenters"] == 3
+        assert model.head.weight.shape[0] == 3 * plan.num_classes
+
+
 def test_kill_and_resume_reaches_the_same_weights(small_pipeline, shard_dir, tmp_path):
     params = tiny_params(small_pipeline[0])
     for name in ("straight", "resumed"):

@@ -128,7 +128,8 @@ def summarize(results: dict[str, dict], final: str, contaminated_flag: bool) -> 
     return summary
 
 
-KINDS = ("plain", "rerank")  # the rankings retrieve writes per model
+# the rankings retrieve writes per model (the SuperGlobal ones with retrieve.superglobal)
+KINDS = ("plain", "rerank", "superglobal", "rerank_superglobal")
 
 
 def curve_rows(curves: dict[str, list[float]], model: str,
@@ -198,13 +199,15 @@ def standalone(solution_csv: Path, submission_csv: Path, out: Path | None) -> di
 
 def headline(metrics: dict, source: str = "metrics/evaluate/metrics.json") -> str:
     """The result in a few lines: mAP@100 (all, public, private) of each backbone with and
-    without the rerank, the ensemble's only when there are several backbones, then the final
-    submission's. `metrics` is what `main` writes (`source`, named in the first line)."""
+    without the rerank (and SuperGlobal's variants when retrieve wrote them), the ensemble's
+    only when there are several backbones, then the final submission's. `metrics` is what
+    `main` writes (`source`, named in the first line)."""
     models = {key: value for key, value in metrics.items() if isinstance(value, dict)}
     backbones = sorted(set(models) - {"ensemble"})
     rows = []
     for backbone in [*backbones, *(["ensemble"] if len(backbones) > 1 else [])]:
-        for kind, label in (("plain", "plain search"), ("rerank", "+ rerank")):
+        for kind, label in (("plain", "plain search"), ("rerank", "+ rerank"),
+                            ("superglobal", "SuperGlobal"), ("rerank_superglobal", "rerank + SG")):
             result = models.get(backbone, {}).get(kind)
             if result is not None:
                 rows.append((backbone, label, result))

@@ -202,10 +202,23 @@ class PhaseParams:
     size: int | None = _spec(None, min=32, max=2048, help="input size; null: model.size")
     arcface_s: float | None = _spec(None, min=1.0, max=128.0, help="null: model.arcface_s")
     arcface_m: float | None = _spec(None, min=0.0, max=1.5, help="null: model.arcface_m")
+    arcface_subcenters: int = _spec(1, min=1, max=32,
+                                    help="centers per class, a class's cosine the best of them "
+                                         "(1: the authors'; 3: the 1st place's sub-center "
+                                         "ArcFace); the same in every phase of a backbone")
+    arcface_dynamic: list[float] | None = _spec(
+        None, min=0.0, max=1.5,
+        help="[low, high]: a margin per class from its images in the phase's list, "
+             "low + (high - low)·(t - min t)/(max t - min t), t = n^-1/4 (the 1st place's "
+             "dynamic margins, [0.05, 0.5]); null: arcface_m for every class")
     checkpoint_every: int | None = _spec(None, min=1,
                                          help="epochs between checkpoints; null: train's")
 
     def validate(self, prefix: str) -> None:
+        dynamic = self.arcface_dynamic
+        if dynamic is not None and (len(dynamic) != 2 or dynamic[0] > dynamic[1]):
+            raise ParamsError(f"{prefix}.arcface_dynamic: expected [low, high] with low <= "
+                              f"high, or null, got {dynamic!r}")
         if self.sampler == "id_uniform" and self.batch % self.instances:
             raise ParamsError(f"{prefix}.batch: {self.batch} is not a multiple of "
                               f"{prefix}.instances ({self.instances}); the id_uniform sampler "
@@ -426,6 +439,14 @@ class RetrieveParams:
         "auto", help="fast products that pick candidates, re-scored exactly (glr.search); "
                      "auto: float16 on a GPU, float32 on a CPU (bfloat16's wider margin costs "
                      "more re-scoring than its product saves: docs/benchmarks.md)")
+    superglobal: bool = _spec(False, help="SuperGlobal's training-free rerank (glr.superglobal) "
+                                          "as extra variants <backbone>-superglobal and, with "
+                                          "the rerank, <backbone>-rerank_superglobal")
+    superglobal_m: int = _spec(400, min=1, help="SuperGlobal: candidates per query (the top M)")
+    superglobal_k: int = _spec(9, min=0, help="SuperGlobal: neighbours per candidate, besides "
+                                              "itself")
+    superglobal_beta: float = _spec(0.15, min=0.0, max=1.0,
+                                    help="SuperGlobal: weight of a neighbour's similarity")
 
     def validate(self, prefix: str) -> None:
         if self.device == "cpu" and self.precision == "float16":
@@ -485,6 +506,20 @@ class Params:
                                       snapshots=tuple(sorted(snapshots.get(entry.phase, ())))))
         return plan
 
+    def check_subcenters(self, backbone: str) -> None:
+        """A phase that starts from another phase keeps its ArcFace sub-centers: the
+        classifier's rows are the earlier phase's centers."""
+        plan = {phase.name: phase for phase in self.plan(backbone)}
+        for phase in plan.values():
+            start = plan.get(phase.init.phase)
+            if start is not None and (start.settings.arcface_subcenters
+                                      != phase.settings.arcface_subcenters):
+                raise ParamsError(
+                    f"train.recipe.{backbone}-{phase.name}.arcface_subcenters: "
+                    f"{phase.settings.arcface_subcenters}, but it starts from {start.name} with "
+                    f"{start.settings.arcface_subcenters}; keep the sub-centers of the phase "
+                    "it starts from")
+
     def phase_plan(self, backbone: str, phase: str) -> ResolvedPhase:
         for resolved in self.plan(backbone):
             if resolved.name == phase:
@@ -525,6 +560,7 @@ def _check_recipe(params: Params) -> None:
             settings = _resolve_settings(params.train.phases[entry.phase], entry.overrides,
                                          f"train.recipe.{backbone}-{entry.phase}")
             trained[entry.phase] = settings.epochs
+        params.check_subcenters(backbone)
 
 
 def _check_backbones(model: ModelParams) -> None:

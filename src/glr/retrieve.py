@@ -25,7 +25,9 @@ Writes `data/retrieval/`:
     topk/<variant>.parquet          id, images (top-k index ids), scores: every variant,
                                     <backbone>-plain, <backbone>-rerank, and with several
                                     backbones ensemble-plain, ensemble-rerank (the -rerank
-                                    ones when a rerank is on)
+                                    ones when a rerank is on); with `retrieve.superglobal`
+                                    <backbone>-superglobal and <backbone>-rerank_superglobal
+                                    (glr.superglobal; per backbone, not for the ensemble)
     tags/<backbone>-queries.parquet id, labels, label_weights, countries, country_weights:
                                     each query's tags (the top-3 vote)
     variants.json                   the variants and which one is final
@@ -43,7 +45,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from glr import files, metric, rerank, search, tag
+from glr import files, metric, rerank, search, superglobal, tag
 from glr.params import Params, RetrieveParams
 
 log = logging.getLogger(__name__)
@@ -162,6 +164,25 @@ def chunk_scores(features: Features, rows: slice, settings: RetrieveParams,
     return plain, reranked
 
 
+def superglobal_rankings(features: Features, rows: slice, settings: RetrieveParams,
+                         tags: BackboneTags | None, plain: np.ndarray,
+                         reranked: np.ndarray | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """SuperGlobal's rankings of the queries `rows` (`retrieve.superglobal`): `superglobal`
+    on the plain cosine, and `rerank_superglobal` on the reranked scores with the tags' boosts
+    added to SuperGlobal's (glr.superglobal)."""
+    options = superglobal.SuperGlobalSettings(settings.superglobal_m, settings.superglobal_k,
+                                              settings.superglobal_beta)
+    queries = features.query[rows]
+    rankings = {"superglobal": superglobal.rerank_rows(plain, queries, features.index,
+                                                       settings.k, options)}
+    if reranked is not None and tags is not None:
+        boosts = np.zeros_like(plain)
+        add_boosts(boosts, tags, rows, settings)
+        rankings["rerank_superglobal"] = superglobal.rerank_rows(
+            reranked, queries, features.index, settings.k, options, boosts=boosts)
+    return rankings
+
+
 def backbone_scores(features: Features, params: Params, country_codes: dict[str, int],
                     backend: search.Backend | None = None
                     ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -236,6 +257,10 @@ def main(params: Params, features_dir: Path, tags_dir: Path, out_dir: Path,
             if reranked is not None:
                 parts.setdefault(f"{backbone}-rerank", []).append(
                     rerank.top_k_ids(reranked, settings.k))
+            if settings.superglobal:
+                for name, ranking in superglobal_rankings(features, rows, settings, tags,
+                                                          plain, reranked).items():
+                    parts.setdefault(f"{backbone}-{name}", []).append(ranking)
             if ensemble_plain is not None:
                 ensemble_plain[rows] += np.float32(weight) * plain
             if ensemble_kr is not None:

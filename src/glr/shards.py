@@ -710,10 +710,14 @@ def plan_all(prepared_dir: Path, params: ShardParams) -> tuple[list[ShardTask], 
     columns = ["id", "split", "label", "clean", "country", "continent"]
     for group, frame in training.groupby("group", sort=True, observed=True):
         increment = str(frame["increment"].iloc[0])
+        # images per label (planned): the dynamic ArcFace margins of a phase's list
+        per_label = frame["label"].value_counts().sort_index()
         groups_meta[group] = {"increment": increment,
                               "continent": str(frame["continent"].iloc[0]),
                               "clean": increment in ("clean", "index", "test"),
-                              "max_label": int(frame["label"].max())}
+                              "max_label": int(frame["label"].max()),
+                              "labels": [int(v) for v in per_label.index],
+                              "label_images": [int(v) for v in per_label.to_numpy()]}
         tasks += plan_shards(frame[columns], group, params.samples_per_shard, params.seed)
     queries = read_list(prepared_dir / "val_queries.parquet").assign(split="test")
     eval_index = read_list(prepared_dir / "eval_index.parquet").assign(split="index")

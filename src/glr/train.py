@@ -48,7 +48,7 @@ from torch.utils.tensorboard import SummaryWriter
 from glr import files, shards
 from glr.data import TrainStream, TrainTransform, normalize
 from glr.data.samplers import continent_group_probs
-from glr.model import build_model, load_phase_weights, param_groups
+from glr.model import build_model, dynamic_margins, load_phase_weights, param_groups
 from glr.model.folder import WEIGHTS, file_digest, load_model, save_model
 from glr.model.packaged import PackagedWeightsError, load_packaged, package_weights_file
 from glr.params import FIRST_INIT, ModelParams, Params, ParamsError, PhaseParams
@@ -81,7 +81,21 @@ def _model_kwargs(params: ModelParams, phase: PhaseParams | None = None) -> dict
     m = phase.arcface_m if phase is not None and phase.arcface_m is not None else None
     return {"embedding_dim": params.embedding_dim, "gem_p": params.gem_p,
             "arcface_s": params.arcface_s if s is None else s,
-            "arcface_m": params.arcface_m if m is None else m}
+            "arcface_m": params.arcface_m if m is None else m,
+            "arcface_subcenters": 1 if phase is None else phase.arcface_subcenters}
+
+
+def label_images(manifests: list[dict], num_classes: int, where: Path) -> torch.Tensor:
+    """Images per label (int64, (num_classes,)) of a list's groups, from their manifests."""
+    counts = torch.zeros(num_classes, dtype=torch.int64)
+    for manifest in manifests:
+        if "labels" not in manifest:
+            raise shards.ShardError(f"{where}: the manifest of group {manifest['group']} has no "
+                                    "label counts (written by an older glr); rerun the shard "
+                                    "stage (dvc repro shard)")
+        counts.index_add_(0, torch.tensor(manifest["labels"], dtype=torch.int64),
+                          torch.tensor(manifest["label_images"], dtype=torch.int64))
+    return counts
 
 
 def init_main(params: Params, backbone: str, models_dir: Path) -> Path:
@@ -173,6 +187,7 @@ class PhasePlan:
     groups: list[str]
     probs: list[float] | None
     num_classes: int
+    label_images: torch.Tensor | None  # per label, for dynamic margins (arcface_dynamic)
     list_samples: int
     steps_per_epoch: int
     init_dir: Path
@@ -196,9 +211,11 @@ def plan_phase(params: Params, backbone: str, phase_name: str, shard_dir: Path,
              if phase.sampler == "continent" else None)
     # An epoch is the list's size over all ranks (method.md: L = list size / world size).
     steps = max(1, list_samples // (phase.batch * world))
+    counts = (label_images(manifests, num_classes, shard_dir)
+              if phase.arcface_dynamic is not None else None)
     return PhasePlan(backbone=backbone, name=phase_name, phase=phase,
                      snapshots=resolved.snapshots, size=resolved.size,
-                     groups=groups, probs=probs, num_classes=num_classes,
+                     groups=groups, probs=probs, num_classes=num_classes, label_images=counts,
                      list_samples=list_samples, steps_per_epoch=steps,
                      init_dir=Path(models_dir) / backbone / resolved.init.folder,
                      out_dir=Path(models_dir) / backbone / phase_name,
@@ -581,6 +598,8 @@ def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, live_dir: Path
     model = build_model(plan.backbone, plan.num_classes, **_model_kwargs(params.model, phase))
     load_phase_weights(model, init_model.state_dict())
     del init_model
+    if phase.arcface_dynamic is not None:  # the 1st place's margins per class
+        model.head.set_margins(dynamic_margins(plan.label_images, *phase.arcface_dynamic))
     model = model.to(env.device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(param_groups(model, phase.lr, phase.weight_decay),
                                 lr=phase.lr, momentum=0.9)

@@ -37,7 +37,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 PLAN_COLUMNS = ("list", "size", "pad", "batch", "epochs", "lr", "weight_decay", "warmup_epochs",
-                "sampler", "arcface_s", "arcface_m", "init")
+                "sampler", "arcface_s", "arcface_m", "arcface_subcenters", "arcface_dynamic",
+                "init")
 
 
 def plan_row(phase) -> dict:
@@ -49,6 +50,10 @@ def plan_row(phase) -> dict:
 
 
 def _plan_cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return "[" + ", ".join(_plan_cell(v) for v in value) + "]"
     if isinstance(value, dict):
         return value["phase"] + ("" if value["epoch"] is None else f" @ epoch {value['epoch']}")
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -72,7 +77,8 @@ def add_parser(subparsers) -> None:
         description="Resolve params train.phases (defaults per phase) and train.recipe "
                     "(per backbone: where a phase starts, what it changes) into the settings "
                     "each backbone trains with, in order: list, size, pad, batch, epochs, lr, "
-                    "weight_decay, warmup_epochs, sampler, arcface_s, arcface_m, init. Check a "
+                    "weight_decay, warmup_epochs, sampler, arcface_s, arcface_m, "
+                    "arcface_subcenters, arcface_dynamic (- when null: arcface_m), init. Check a "
                     "recipe with it before spending GPU days on it. Reads: params only.")
     add_params(plan)
     plan.add_argument("--json", action="store_true",

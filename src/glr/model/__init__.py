@@ -29,6 +29,7 @@ _EXPORTS = {
     "FeatureMap": "glr.model.layers",
     "ArcFace": "glr.model.layers",
     "GeM": "glr.model.layers",
+    "dynamic_margins": "glr.model.layers",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -13,7 +13,8 @@ from torch import nn
 from glr.model.backbones import create_backbone, feature_layout, unwrap_state_dict
 from glr.model.layers import ArcFace, FeatureMap, GeM
 
-CONFIG_KEYS = ("backbone", "num_classes", "embedding_dim", "gem_p", "arcface_s", "arcface_m")
+CONFIG_KEYS = ("backbone", "num_classes", "embedding_dim", "gem_p", "arcface_s", "arcface_m",
+               "arcface_subcenters")
 
 
 class RetrievalNet(nn.Module):
@@ -31,8 +32,8 @@ class RetrievalNet(nn.Module):
 
     def __init__(self, backbone: str, num_classes: int, *, embedding_dim: int = 512,
                  gem_p: float = 3.0, arcface_s: float = 30.0, arcface_m: float = 0.3,
-                 pretrained: bool = False, pretrained_path: str | Path | None = None,
-                 skip_fc_keys: bool = False) -> None:
+                 arcface_subcenters: int = 1, pretrained: bool = False,
+                 pretrained_path: str | Path | None = None, skip_fc_keys: bool = False) -> None:
         super().__init__()
         self.backbone, num_features = create_backbone(backbone, pretrained, pretrained_path,
                                                       skip_fc_keys=skip_fc_keys)
@@ -44,7 +45,8 @@ class RetrievalNet(nn.Module):
         # A BNNeck without shift: the bias stays 0 and is never trained.
         nn.init.zeros_(self.bn.bias)
         self.bn.bias.requires_grad_(False)
-        self.head = ArcFace(embedding_dim, num_classes, s=arcface_s, m=arcface_m)
+        self.head = ArcFace(embedding_dim, num_classes, s=arcface_s, m=arcface_m,
+                            subcenters=arcface_subcenters)
         # Everything needed to rebuild this architecture (weights aside), JSON-serializable.
         self.config: dict[str, Any] = {
             "backbone": backbone,
@@ -53,6 +55,7 @@ class RetrievalNet(nn.Module):
             "gem_p": float(gem_p),
             "arcface_s": float(arcface_s),
             "arcface_m": float(arcface_m),
+            "arcface_subcenters": int(arcface_subcenters),
         }
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -80,14 +83,15 @@ class RetrievalNet(nn.Module):
 
 
 def build_model(backbone: str, num_classes: int, *, embedding_dim: int = 512, gem_p: float = 3.0,
-                arcface_s: float = 30.0, arcface_m: float = 0.3, pretrained: bool = False,
-                pretrained_path: str | Path | None = None,
+                arcface_s: float = 30.0, arcface_m: float = 0.3, arcface_subcenters: int = 1,
+                pretrained: bool = False, pretrained_path: str | Path | None = None,
                 skip_fc_keys: bool = False) -> RetrievalNet:
     """A RetrievalNet; `pretrained`/`pretrained_path` choose the backbone's initial weights and
     `skip_fc_keys` drops every key containing "fc" from a weights file, as the authors'
     SE-ResNet101-IBN-a loader does (see `glr.model.backbones.load_backbone_weights`)."""
     return RetrievalNet(backbone, num_classes, embedding_dim=embedding_dim, gem_p=gem_p,
-                        arcface_s=arcface_s, arcface_m=arcface_m, pretrained=pretrained,
+                        arcface_s=arcface_s, arcface_m=arcface_m,
+                        arcface_subcenters=arcface_subcenters, pretrained=pretrained,
                         pretrained_path=pretrained_path, skip_fc_keys=skip_fc_keys)
 
 

@@ -1,5 +1,5 @@
 """Building blocks of the retrieval model: IBN-a normalization, backbone output layout, GeM
-pooling, ArcFace margin head."""
+pooling, ArcFace margin head (with sub-centers and margins per class)."""
 
 from __future__ import annotations
 
@@ -90,42 +90,108 @@ class GeM(nn.Module):
 
 
 class ArcFace(nn.Module):
-    """Additive angular margin classifier (ArcFace): s * cos(theta + m) for the target class."""
+    """Additive angular margin classifier (ArcFace): s * cos(theta + m) for the target class,
+    with optional sub-centers (a class's cosine is the best of its k centers) and margins per
+    class (`set_margins`)."""
 
-    def __init__(self, in_features: int, num_classes: int, s: float = 30.0, m: float = 0.3) -> None:
+    def __init__(self, in_features: int, num_classes: int, s: float = 30.0, m: float = 0.3,
+                 subcenters: int = 1) -> None:
         super().__init__()
+        if subcenters < 1:
+            raise ValueError(f"subcenters must be at least 1, got {subcenters}")
         self.in_features = in_features
         self.num_classes = num_classes
+        self.subcenters = int(subcenters)
         self.s = float(s)
         self.m = float(m)
-        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        # rows class-major (class c's centers are rows c·k … c·k + k − 1), so a later phase
+        # with more classes appends rows and keeps the old classes' centers
+        self.weight = nn.Parameter(torch.empty(num_classes * self.subcenters, in_features))
         nn.init.xavier_uniform_(self.weight)
-        # Past theta = pi - m, theta + m would wrap around and raise the logit again; use a
-        # linear penalty there instead (the insightface rule).
-        self.threshold = math.cos(math.pi - self.m)
-        self.linear_penalty = math.sin(math.pi - self.m) * self.m
+        # per class: cos m, sin m, the threshold cos(π − m) and the penalty sin(π − m)·m, in
+        # float64 rounded once to float32 (what a Python float m becomes in a float32 op);
+        # not saved with the weights: each phase sets its own
+        for name in ("cos_m", "sin_m", "threshold", "penalty"):
+            self.register_buffer(name, torch.empty(num_classes), persistent=False)
+        self.set_margins(torch.full((num_classes,), self.m, dtype=torch.float64))
+
+    def set_margins(self, margins: torch.Tensor) -> None:
+        """Margins per class (e.g. `dynamic_margins`, float64) instead of the fixed m."""
+        if tuple(margins.shape) != (self.num_classes,):
+            raise ValueError(f"margins of shape {tuple(margins.shape)} for "
+                             f"{self.num_classes} classes")
+        m = margins.to(torch.float64)
+        for name, values in (("cos_m", m.cos()), ("sin_m", m.sin()),
+                             ("threshold", torch.cos(math.pi - m)),
+                             ("penalty", torch.sin(math.pi - m) * m)):
+            getattr(self, name).copy_(values.to(device=self.cos_m.device, dtype=torch.float32))
+
+    @property
+    def margins(self) -> torch.Tensor:
+        """The margin of each class (float32, recovered from its sine and cosine)."""
+        return torch.atan2(self.sin_m, self.cos_m)
+
+    def cosines(self, unit_features: torch.Tensor) -> torch.Tensor:
+        """cos θ of each class (B, C): the best of its sub-centers."""
+        cosine = F.linear(unit_features, F.normalize(self.weight.float()))
+        if self.subcenters == 1:
+            return cosine
+        return cosine.view(len(unit_features), self.num_classes, self.subcenters).amax(dim=2)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # The margin needs float32 precision even when the rest of the model runs under autocast.
         with torch.autocast(device_type=features.device.type, enabled=False):
             unit_features = F.normalize(features.float())
-            unit_weight = F.normalize(self.weight.float())
-            cosine = F.linear(unit_features, unit_weight)
+            cosine = self.cosines(unit_features)
             # Only the target column gets the margin; everything else stays s * cos(theta).
             index = labels.long().view(-1, 1)
             target_cosine = cosine.gather(1, index)
-            target_sine = _sine_between(unit_features, unit_weight[labels.long()])
-            cos_theta_plus_m = target_cosine * math.cos(self.m) - target_sine * math.sin(self.m)
+            target_sine = _sine_between(unit_features, self._target_centers(unit_features,
+                                                                             labels.long()))
+            target = labels.long()
+            cos_theta_plus_m = (target_cosine * self.cos_m[target].view(-1, 1)
+                                - target_sine * self.sin_m[target].view(-1, 1))
+            # Past theta = pi - m, theta + m would wrap around and raise the logit again; use a
+            # linear penalty there instead (the insightface rule, per class).
             target_logit = torch.where(
-                target_cosine > self.threshold,
+                target_cosine > self.threshold[target].view(-1, 1),
                 cos_theta_plus_m,
-                target_cosine - self.linear_penalty,
+                target_cosine - self.penalty[target].view(-1, 1),
             )
             return self.s * cosine.scatter(1, index, target_logit)
 
+    def _target_centers(self, unit_features: torch.Tensor, labels: torch.Tensor
+                        ) -> torch.Tensor:
+        """The unit center of each sample's class nearest to it (B, D): the one whose cosine
+        is the class's."""
+        unit_weight = F.normalize(self.weight.float())
+        if self.subcenters == 1:
+            return unit_weight[labels]
+        centers = unit_weight.view(self.num_classes, self.subcenters, -1)[labels]  # (B, k, D)
+        best = torch.einsum("bd,bkd->bk", unit_features, centers).argmax(dim=1)
+        return centers[torch.arange(len(labels)), best]
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
-                f"s={self.s}, m={self.m}")
+                f"subcenters={self.subcenters}, s={self.s}, m={self.m}")
+
+
+def dynamic_margins(counts: torch.Tensor | list[int], low: float, high: float) -> torch.Tensor:
+    """Margins per class from its training images (the 1st place of GLR 2021, Henkel):
+    m_c = low + (high − low)·(t_c − min t)/(max t − min t), t_c = n_c^(−1/4), so the rarest
+    class gets `high` and the most frequent `low`. Only classes with images count for min
+    and max; a class without images (never a target in the phase) and every class when all
+    counts are equal get `high`. In float64."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    present = counts > 0
+    margins = torch.full(counts.shape, float(high), dtype=torch.float64)
+    if not bool(present.any()):
+        return margins
+    t = counts[present].pow(-0.25)
+    spread = t.max() - t.min()
+    if float(spread) > 0:
+        margins[present] = low + (high - low) * (t - t.min()) / spread
+    return margins
 
 
 def _sine_between(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
