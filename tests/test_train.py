@@ -330,7 +330,7 @@ def test_subcenters_and_dynamic_margins_through_two_phases(small_pipeline, shard
         assert torch.equal(plan.label_images, expected)
         # the fixed m when the model is built, then the phase's dynamic margins
         assert torch.equal(applied[-1], dynamic_margins(expected, 0.05, 0.5))
-        model, config = load_model(tmp_path / "models/resnet10t" / phase)
+        model, _ = load_model(tmp_path / "models/resnet10t" / phase)
         assert model.config["arcface_subcenters"] == 3
         assert model.head.weight.shape[0] == 3 * plan.num_classes
 
