@@ -53,6 +53,12 @@ def cmd_bench_default(args: argparse.Namespace) -> None:
     bench_default.main(out=args.out, seeds=args.seeds, logs=args.logs)
 
 
+def cmd_bench_beyond(args: argparse.Namespace) -> None:
+    from benchmarks import beyond as bench_beyond
+
+    bench_beyond.main(out=args.out, seeds=args.seeds, logs=args.logs, losses=args.losses)
+
+
 def add_parser(subparsers) -> None:
     """Register `glr bench` and its benchmarks under `glr`."""
     bench = subparsers.add_parser("bench", help="benchmarks (results written to files)")
@@ -62,7 +68,31 @@ def add_parser(subparsers) -> None:
     _add_extract(benches)
     _add_gpu(benches)
     _add_default(benches)
+    _add_beyond(benches)
     _add_retrieve(benches)
+
+
+def _add_beyond(benches) -> None:
+    from benchmarks.beyond import LOSSES
+
+    bench_beyond = benches.add_parser(
+        "beyond", help="the 1st place's loss and SuperGlobal vs the authors' (~30 min on 2 cores)",
+        description="On the embedded default, per synth seed, two DVC experiments with "
+                    "retrieve.superglobal on: the authors' ArcFace and the 1st place's "
+                    "(s 45, 3 sub-centers, dynamic margins [0.05, 0.5]); each scores plain, "
+                    "Landmark-Country rerank, SuperGlobal and both. Writes OUT: each run's "
+                    "mAP@100, the means per loss and ranking, and the differences (1st "
+                    "place's loss minus the authors', SuperGlobal minus the LC rerank). Run it "
+                    "from the repository root.")
+    bench_beyond.add_argument("--out", type=Path, default=Path("metrics/bench/beyond.json"),
+                              help="result file (default: %(default)s)")
+    bench_beyond.add_argument("--seeds", type=int, nargs="+", default=[2021, 7, 11],
+                              help="synth.seed values (default: %(default)s)")
+    bench_beyond.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES),
+                              help="which losses to run (default: all)")
+    bench_beyond.add_argument("--logs", type=Path, default=Path("metrics/bench/beyond-logs"),
+                              help="each run's log (default: %(default)s)")
+    bench_beyond.set_defaults(func=cmd_bench_beyond)
 
 
 def _add_prepare(benches) -> None:

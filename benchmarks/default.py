@@ -43,11 +43,11 @@ def experiment_name(seed: int) -> str:
     return f"bench-default-seed-{seed}"
 
 
-def experiment_command(dvc: str, seed: int) -> list[str]:
-    """The pipeline with `synth.seed` set, as a named experiment in a temporary directory,
-    every stage run (none restored from the run cache)."""
-    return [dvc, "exp", "run", "--temp", "--force", "--name", experiment_name(seed),
-            "--set-param", f"synth.seed={seed}"]
+def experiment_command(dvc: str, name: str, overrides: Sequence[str]) -> list[str]:
+    """The pipeline with the params `overrides` (`key=value`, DVC's -S grammar), as experiment
+    `name` in a temporary directory, every stage run (none restored from the run cache)."""
+    return [dvc, "exp", "run", "--temp", "--force", "--name", name,
+            *(part for override in overrides for part in ("--set-param", override))]
 
 
 def experiment_metrics(repo: Path, name: str) -> dict:
@@ -98,23 +98,23 @@ def summarize(runs: Sequence[dict]) -> dict:
     return summary
 
 
-def run_experiment(repo: Path, seed: int, logfile: Path) -> float:
-    """The seed's experiment in `repo` (an older one of its name removed first), this
-    interpreter's scripts first on PATH; its wall seconds. The output goes to `logfile`; a
-    failed run raises with the log's last lines."""
+def run_experiment(repo: Path, name: str, overrides: Sequence[str], logfile: Path) -> float:
+    """Experiment `name` with `overrides` in `repo` (an older one of its name removed first),
+    this interpreter's scripts first on PATH; its wall seconds. The output goes to `logfile`;
+    a failed run raises with the log's last lines."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}"
                                 f"{os.environ.get('PATH', '')}")
     logfile.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([_dvc(), "exp", "remove", experiment_name(seed)], cwd=repo, env=env,
+    subprocess.run([_dvc(), "exp", "remove", name], cwd=repo, env=env,
                    capture_output=True)  # none yet: nothing to remove
     start = time.perf_counter()
     with logfile.open("w") as out:
-        done = subprocess.run(experiment_command(_dvc(), seed), cwd=repo, env=env, stdout=out,
-                              stderr=subprocess.STDOUT)
+        done = subprocess.run(experiment_command(_dvc(), name, overrides), cwd=repo, env=env,
+                              stdout=out, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-20:])
-        raise RuntimeError(f"dvc exp run failed for seed {seed} (log {logfile}):\n{tail}")
+        raise RuntimeError(f"dvc exp run failed for {name} (log {logfile}):\n{tail}")
     return seconds
 
 
@@ -132,7 +132,7 @@ def main(out: Path, seeds: Sequence[int] = SEEDS, repo: Path = Path("."),
         logfile = Path(logs) / f"seed-{seed}.log"
         log.info("seed %d (%d/%d): experiment %s, log %s", seed, number, len(seeds),
                  experiment_name(seed), logfile)
-        seconds = run_experiment(repo, seed, logfile)
+        seconds = run_experiment(repo, experiment_name(seed), [f"synth.seed={seed}"], logfile)
         metrics = experiment_metrics(repo, experiment_name(seed))
         run = {"seed": seed, "experiment": experiment_name(seed), "seconds": round(seconds, 1),
                **final_scores(metrics)}

@@ -13,9 +13,10 @@ from glr.params import parse_params
 
 
 def test_each_seed_runs_as_a_named_experiment_with_every_stage() -> None:
-    assert bench_default.experiment_command("dvc", 7) == [
+    assert bench_default.experiment_command("dvc", "bench-default-seed-7",
+                                            ["synth.seed=7", "retrieve.k=50"]) == [
         "dvc", "exp", "run", "--temp", "--force", "--name", "bench-default-seed-7",
-        "--set-param", "synth.seed=7"]
+        "--set-param", "synth.seed=7", "--set-param", "retrieve.k=50"]
 
 
 def test_a_seed_run_sets_a_valid_synth_seed() -> None:
@@ -82,3 +83,50 @@ def test_the_metrics_are_read_from_the_experiment_commit(tmp_path) -> None:
     assert bench_default.experiment_metrics(tmp_path, "bench-default-seed-7") == {"map100": 0.7}
     with pytest.raises(RuntimeError, match="0 experiments named 'bench-default-seed-11'"):
         bench_default.experiment_metrics(tmp_path, "bench-default-seed-11")
+
+
+# ---------------------------------------------------------------- glr bench beyond
+
+
+def test_beyond_runs_the_first_places_loss_in_every_phase_with_superglobal() -> None:
+    from benchmarks import beyond
+
+    assert beyond.overrides("authors", 7) == ["synth.seed=7", "retrieve.superglobal=true"]
+    sub = beyond.overrides("subcenter", 7)
+    assert sub[:3] == ["synth.seed=7", "retrieve.superglobal=true", "model.arcface_s=45"]
+    assert set(sub[3:]) == {f"train.phases.{p}.{key}" for p in ("p1", "p2") for key in (
+        "arcface_subcenters=3", "arcface_dynamic=[0.05,0.5]")}
+    # the phases are the embedded default's, and the overrides give valid params
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    assert list(params["train"]["phases"]) == list(beyond.PHASES)
+    params["model"]["arcface_s"] = 45
+    for phase in beyond.PHASES:
+        params["train"]["phases"][phase].update(arcface_subcenters=3,
+                                                arcface_dynamic=[0.05, 0.5])
+    plan = parse_params(params).plan(params["model"]["backbones"][0])
+    assert [(p.settings.arcface_s, p.settings.arcface_subcenters, p.settings.arcface_dynamic)
+            for p in plan] == [(45.0, 3, [0.05, 0.5])] * 2
+
+
+def test_beyond_summary_means_and_differences() -> None:
+    from benchmarks import beyond
+
+    def run(loss, seed, plain, rerank, sg, both):
+        return {"loss": loss, "seed": seed, "scores": {
+            "plain": plain, "rerank": rerank, "superglobal": sg, "rerank_superglobal": both}}
+
+    runs = [run("authors", 1, 0.50, 0.60, 0.55, 0.62), run("authors", 2, 0.40, 0.50, 0.41, 0.56),
+            run("subcenter", 1, 0.52, 0.61, 0.50, 0.60), run("subcenter", 2, 0.44, 0.49, 0.45,
+                                                               0.52)]
+    summary = beyond.summarize(runs)
+    assert summary["mean"]["authors"]["rerank"] == pytest.approx(0.55)
+    assert summary["subcenter_minus_authors"]["plain"] == {
+        "mean": pytest.approx(0.03), "min": pytest.approx(0.02), "max": pytest.approx(0.04)}
+    assert summary["minus_lc_rerank"]["authors"]["rerank_superglobal"] == {
+        "mean": pytest.approx(0.04), "min": pytest.approx(0.02), "max": pytest.approx(0.06)}
+    assert summary["best"] == {"loss": "authors", "ranking": "rerank_superglobal",
+                               "mean": pytest.approx(0.59)}
+    with pytest.raises(ValueError, match="rankings missing from the metrics: superglobal"):
+        beyond.scores({"map100": 0.5, "resnet18": {"plain": {"map100": 0.4},
+                                                   "rerank": {"map100": 0.5},
+                                                   "rerank_superglobal": {"map100": 0.5}}})
