@@ -131,9 +131,9 @@ class ArcFace(nn.Module):
         """The margin of each class (float32, recovered from its sine and cosine)."""
         return torch.atan2(self.sin_m, self.cos_m)
 
-    def cosines(self, unit_features: torch.Tensor) -> torch.Tensor:
+    def cosines(self, unit_features: torch.Tensor, unit_weight: torch.Tensor) -> torch.Tensor:
         """cos θ of each class (B, C): the best of its sub-centers."""
-        cosine = F.linear(unit_features, F.normalize(self.weight.float()))
+        cosine = F.linear(unit_features, unit_weight)
         if self.subcenters == 1:
             return cosine
         return cosine.view(len(unit_features), self.num_classes, self.subcenters).amax(dim=2)
@@ -142,12 +142,14 @@ class ArcFace(nn.Module):
         # The margin needs float32 precision even when the rest of the model runs under autocast.
         with torch.autocast(device_type=features.device.type, enabled=False):
             unit_features = F.normalize(features.float())
-            cosine = self.cosines(unit_features)
+            # normalized once: the cosines and the target's sine backpropagate through it
+            unit_weight = F.normalize(self.weight.float())
+            cosine = self.cosines(unit_features, unit_weight)
             # Only the target column gets the margin; everything else stays s * cos(theta).
             index = labels.long().view(-1, 1)
             target_cosine = cosine.gather(1, index)
-            target_sine = _sine_between(unit_features, self._target_centers(unit_features,
-                                                                             labels.long()))
+            target_sine = _sine_between(unit_features, self._target_centers(
+                unit_features, unit_weight, labels.long()))
             target = labels.long()
             cos_theta_plus_m = (target_cosine * self.cos_m[target].view(-1, 1)
                                 - target_sine * self.sin_m[target].view(-1, 1))
@@ -160,11 +162,10 @@ class ArcFace(nn.Module):
             )
             return self.s * cosine.scatter(1, index, target_logit)
 
-    def _target_centers(self, unit_features: torch.Tensor, labels: torch.Tensor
-                        ) -> torch.Tensor:
+    def _target_centers(self, unit_features: torch.Tensor, unit_weight: torch.Tensor,
+                        labels: torch.Tensor) -> torch.Tensor:
         """The unit center of each sample's class nearest to it (B, D): the one whose cosine
         is the class's."""
-        unit_weight = F.normalize(self.weight.float())
         if self.subcenters == 1:
             return unit_weight[labels]
         centers = unit_weight.view(self.num_classes, self.subcenters, -1)[labels]  # (B, k, D)
