@@ -509,7 +509,8 @@ def test_phase_estimate_leaves_out_the_warm_up_steps():
 def test_a_long_phase_on_a_cpu_is_a_warning_naming_the_estimate_and_its_cause():
     plan = train.PhasePlan(
         backbone="resnet18", name="p1", phase=PhaseParams(epochs=12, batch=32), snapshots=(),
-        size=512, groups=["clean"], probs=None, num_classes=60, list_samples=672,
+        size=512, groups=["clean"], probs=None, num_classes=60, label_images=None,
+        list_samples=672,
         steps_per_epoch=21, init_dir=Path("models/resnet18/pretrained"),
         out_dir=Path("models/resnet18/p1"), run_dir=Path("runs/resnet18/p1"))
     slow = train.estimate_phase([80.0, 60.0, 57.5, 57.0, 56.5], 5, 21, 12)  # 57 s/step
