@@ -588,19 +588,25 @@ def train_step(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return loss, logits
 
 
+def phase_model(params: Params, plan: PhasePlan) -> torch.nn.Module:
+    """The phase's network: built for its classes and loss, with the weights of the model it
+    starts from (the classifier grown) and, with dynamic margins, its margins per class."""
+    phase = plan.phase
+    init_model, _ = load_model(plan.init_dir)
+    model = build_model(plan.backbone, plan.num_classes, **_model_kwargs(params.model, phase))
+    load_phase_weights(model, init_model.state_dict())
+    if phase.arcface_dynamic is not None:  # the 1st place's margins per class
+        model.head.set_margins(dynamic_margins(plan.label_images, *phase.arcface_dynamic))
+    return model
+
+
 def train_phase(params: Params, plan: PhasePlan, shard_dir: Path, live_dir: Path,
                 env: Dist, stop_after_epochs: int | None = None) -> dict:
     """Train one phase; returns the final epoch's summary. Rank 0 writes all files: the model
     folder, TensorBoard under the run folder, DVCLive in `live_dir`."""
     phase = plan.phase
     torch.manual_seed(params.train.seed)
-    init_model, _ = load_model(plan.init_dir)
-    model = build_model(plan.backbone, plan.num_classes, **_model_kwargs(params.model, phase))
-    load_phase_weights(model, init_model.state_dict())
-    del init_model
-    if phase.arcface_dynamic is not None:  # the 1st place's margins per class
-        model.head.set_margins(dynamic_margins(plan.label_images, *phase.arcface_dynamic))
-    model = model.to(env.device, memory_format=torch.channels_last)
+    model = phase_model(params, plan).to(env.device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(param_groups(model, phase.lr, phase.weight_decay),
                                 lr=phase.lr, momentum=0.9)
     scheduler = make_scheduler(optimizer, phase.lr, phase.epochs, phase.warmup_epochs)
