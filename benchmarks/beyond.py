@@ -27,19 +27,18 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from benchmarks.default import SEEDS, experiment_metrics, run_experiment
 
 log = logging.getLogger(__name__)
 
 RANKINGS = ("plain", "rerank", "superglobal", "rerank_superglobal")
-PHASES = ("p1", "p2")  # the embedded default's (params.yaml train.phases)
-# params overrides of each loss, in DVC's -S grammar
+# each loss: model params, and the params of every phase, in DVC's -S grammar
 LOSSES = {
-    "authors": [],
-    "subcenter": ["model.arcface_s=45",
-                  *(f"train.phases.{phase}.{key}={value}" for phase in PHASES
-                    for key, value in (("arcface_subcenters", 3),
-                                       ("arcface_dynamic", "[0.05,0.5]")))],
+    "authors": {"model": [], "phase": []},
+    "subcenter": {"model": ["arcface_s=45"],
+                  "phase": ["arcface_subcenters=3", "arcface_dynamic=[0.05,0.5]"]},
 }
 COMMON = ["retrieve.superglobal=true"]
 
@@ -48,8 +47,17 @@ def experiment_name(loss: str, seed: int) -> str:
     return f"bench-beyond-{loss}-{seed}"
 
 
-def overrides(loss: str, seed: int) -> list[str]:
-    return [f"synth.seed={seed}", *COMMON, *LOSSES[loss]]
+def overrides(loss: str, seed: int, phases: Sequence[str]) -> list[str]:
+    """The experiment's -S values: the seed, SuperGlobal on, and the loss in every phase."""
+    return [f"synth.seed={seed}", *COMMON,
+            *(f"model.{value}" for value in LOSSES[loss]["model"]),
+            *(f"train.phases.{phase}.{value}" for phase in phases
+              for value in LOSSES[loss]["phase"])]
+
+
+def params_phases(repo: Path) -> list[str]:
+    """The phases of the repository's params.yaml (train.phases), in order."""
+    return list(yaml.safe_load((Path(repo) / "params.yaml").read_text())["train"]["phases"])
 
 
 def scores(metrics: dict) -> dict[str, float]:
@@ -100,19 +108,22 @@ def main(out: Path, seeds: Sequence[int] = SEEDS, repo: Path = Path("."),
     from benchmarks.extract import machine_info
 
     repo = Path(repo).resolve()
+    phases = params_phases(repo)
     runs = []
     for seed in seeds:
         for loss in losses:
             name = experiment_name(loss, seed)
             logfile = Path(logs) / f"{name}.log"
             log.info("%s: dvc exp run (log %s)", name, logfile)
-            seconds = run_experiment(repo, name, overrides(loss, seed), logfile)
+            seconds = run_experiment(repo, name, overrides(loss, seed, phases), logfile)
             run = {"loss": loss, "seed": seed, "experiment": name, "seconds": round(seconds, 1),
                    "scores": scores(experiment_metrics(repo, name))}
             log.info("%s: %s in %.0f s", name, ", ".join(
                 f"{key} {value:.4f}" for key, value in run["scores"].items()), seconds)
             runs.append(run)
-    result = {"seeds": list(seeds), "losses": {loss: LOSSES[loss] for loss in losses},
+    result = {"seeds": list(seeds),
+              "losses": {loss: overrides(loss, seeds[0], phases)[1 + len(COMMON):]
+                         for loss in losses},
               "common": COMMON, "runs": runs, **summarize(runs), "machine": machine_info()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

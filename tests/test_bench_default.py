@@ -91,16 +91,18 @@ def test_the_metrics_are_read_from_the_experiment_commit(tmp_path) -> None:
 def test_beyond_runs_the_first_places_loss_in_every_phase_with_superglobal() -> None:
     from benchmarks import beyond
 
-    assert beyond.overrides("authors", 7) == ["synth.seed=7", "retrieve.superglobal=true"]
-    sub = beyond.overrides("subcenter", 7)
+    phases = beyond.params_phases(Path("."))
+    assert phases == ["p1", "p2"]  # the embedded default's
+    assert beyond.overrides("authors", 7, phases) == ["synth.seed=7",
+                                                      "retrieve.superglobal=true"]
+    sub = beyond.overrides("subcenter", 7, phases)
     assert sub[:3] == ["synth.seed=7", "retrieve.superglobal=true", "model.arcface_s=45"]
-    assert set(sub[3:]) == {f"train.phases.{p}.{key}" for p in ("p1", "p2") for key in (
+    assert set(sub[3:]) == {f"train.phases.{p}.{key}" for p in phases for key in (
         "arcface_subcenters=3", "arcface_dynamic=[0.05,0.5]")}
-    # the phases are the embedded default's, and the overrides give valid params
+    # the overrides give valid params
     params = yaml.safe_load(Path("params.yaml").read_text())
-    assert list(params["train"]["phases"]) == list(beyond.PHASES)
     params["model"]["arcface_s"] = 45
-    for phase in beyond.PHASES:
+    for phase in phases:
         params["train"]["phases"][phase].update(arcface_subcenters=3,
                                                 arcface_dynamic=[0.05, 0.5])
     plan = parse_params(params).plan(params["model"]["backbones"][0])

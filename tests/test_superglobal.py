@@ -142,7 +142,9 @@ def test_the_retrieve_stage_writes_both_superglobal_variants(tmp_path):
     expected, _ = superglobal.rerank_rows(plain, features.query, features.index, 20, settings)
     assert rankings["resnet18-superglobal"]["images"].tolist() == [list(ids[row])
                                                                    for row in expected]
-    boosts = reranked - plain  # the tags' α·w + β·v, up to float32 rounding of each sum
+    boosts = np.zeros_like(plain)  # the tags' α·w + β·v, as the stage adds them
+    tags = retrieve.backbone_tags(features, params.retrieve, codes)
+    retrieve.add_boosts(boosts, tags, slice(0, len(features.query)), params.retrieve)
     expected, _ = superglobal.rerank_rows(reranked, features.query, features.index, 20,
                                           settings, boosts=boosts)
     got = rankings["resnet18-rerank_superglobal"]["images"].tolist()

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from glr.rerank import top_k_ids
+
 
 @dataclass(frozen=True)
 class SuperGlobalSettings:
@@ -78,18 +80,20 @@ def rerank_rows(scores: np.ndarray, queries: np.ndarray, index: np.ndarray, k: i
     Beyond the M candidates the ranking keeps `scores`' order and values."""
     num_index = scores.shape[1]
     m = min(settings.m, num_index)
-    top_ids = np.empty((len(scores), min(k, num_index)), dtype=np.int64)
+    width = min(k, num_index)
+    # the top max(M, k) of every row at once (a partial selection, not a sort of the row):
+    # descending by score, ties to the lower index, the stage's own order
+    order, ordered = top_k_ids(scores, max(m, width))
+    top_ids = np.empty((len(scores), width), dtype=np.int64)
     top_scores = np.empty(top_ids.shape, dtype=np.float32)
-    for row, row_scores in enumerate(scores):
-        # descending by score, ties to the lower index: the stage's own order
-        order = np.lexsort((np.arange(num_index), -row_scores))
-        candidates = order[:m]
+    for row in range(len(scores)):  # an M × M product per query, M × d memory
+        candidates = order[row, :m]
         new = refined_scores(queries[row], index[candidates], settings)
         if boosts is not None:
             new = new + boosts[row, candidates]
         by_new = np.argsort(-new, kind="stable")
-        ids = np.concatenate([candidates[by_new], order[m:]])
-        values = np.concatenate([new[by_new], row_scores[order[m:]]])
-        top_ids[row] = ids[: top_ids.shape[1]]
-        top_scores[row] = values[: top_ids.shape[1]]
+        ids = np.concatenate([candidates[by_new], order[row, m:]])
+        values = np.concatenate([new[by_new], ordered[row, m:]])
+        top_ids[row] = ids[:width]
+        top_scores[row] = values[:width]
     return top_ids, top_scores
