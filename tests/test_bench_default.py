@@ -26,40 +26,50 @@ def test_a_seed_run_sets_a_valid_synth_seed() -> None:
     assert parse_params(params).synth.seed == 11
 
 
-def _scores(plain: float, rerank: float) -> dict:
-    return {"plain": {"map100": plain, "map100_public": plain - 0.01,
-                      "map100_private": plain + 0.01},
+def _scores(plain: float, rerank: float, pretrained: float | None = None) -> dict:
+    start = {} if pretrained is None else {"pretrained": {
+        "map100": pretrained, "map100_public": pretrained, "map100_private": pretrained}}
+    return {**start, "plain": {"map100": plain, "map100_public": plain - 0.01,
+                               "map100_private": plain + 0.01},
             "rerank": {"map100": rerank, "map100_public": rerank - 0.02,
                        "map100_private": rerank + 0.02}}
 
 
 def test_final_scores_prefer_the_ensemble() -> None:
-    metrics = {"map100": 0.6, "queries": 100, "resnet18": _scores(0.4, 0.5)}
+    metrics = {"map100": 0.6, "queries": 100, "resnet18": _scores(0.4, 0.5, 0.1)}
     assert bench_default.final_scores(metrics) == {
-        "model": "resnet18", "plain": 0.4, "rerank": 0.5, "plain_public": 0.4 - 0.01,
+        "model": "resnet18", "plain": 0.4, "rerank": 0.5, "pretrained": 0.1,
+        "plain_public": 0.4 - 0.01,
         "plain_private": 0.4 + 0.01, "rerank_public": 0.5 - 0.02, "rerank_private": 0.5 + 0.02}
-    metrics.update(resnet34=_scores(0.45, 0.55), ensemble=_scores(0.5, 0.6))
+    metrics.update(resnet34=_scores(0.45, 0.55, 0.2), ensemble=_scores(0.5, 0.6))
     scores = bench_default.final_scores(metrics)
-    assert (scores["model"], scores["plain"], scores["rerank"]) == ("ensemble", 0.5, 0.6)
+    assert (scores["model"], scores["plain"], scores["rerank"], scores["pretrained"]) == (
+        "ensemble", 0.5, 0.6, None)  # an ensemble has no starting weights of its own
 
 
 def test_summary_means_spreads_and_targets() -> None:
-    runs = [{"plain": 0.42, "rerank": 0.50, "seconds": 500.0},
-            {"plain": 0.40, "rerank": 0.47, "seconds": 590.0},
-            {"plain": 0.47, "rerank": 0.54, "seconds": 420.0}]
+    runs = [{"plain": 0.52, "rerank": 0.63, "pretrained": 0.20, "seconds": 500.0},
+            {"plain": 0.50, "rerank": 0.60, "pretrained": 0.25, "seconds": 590.0},
+            {"plain": 0.57, "rerank": 0.65, "pretrained": 0.30, "seconds": 420.0}]
     summary = bench_default.summarize(runs)
-    assert summary["plain_mean"] == pytest.approx(0.43)
-    assert summary["rerank_mean"] == pytest.approx(0.50333, abs=1e-5)
-    assert summary["rerank_gain_mean"] == pytest.approx(0.07333, abs=1e-5)
+    assert summary["plain_mean"] == pytest.approx(0.53)
+    assert summary["rerank_mean"] == pytest.approx(0.62666, abs=1e-5)
+    assert summary["rerank_gain_mean"] == pytest.approx(0.09666, abs=1e-5)
+    assert summary["training_gain_mean"] == pytest.approx(0.28)
     assert summary["plain_spread"] == pytest.approx(0.07)
-    assert summary["rerank_spread"] == pytest.approx(0.07)
+    assert summary["rerank_spread"] == pytest.approx(0.05)
     assert summary["seconds_max"] == 590.0
-    assert summary["meets"] == {"plain_mean": True, "rerank_gain": True, "spread": True,
-                                "time": True}
-    runs[2] = {"plain": 0.30, "rerank": 0.32, "seconds": 700.0}
+    assert summary["meets"] == {"plain_mean": True, "rerank_gain": False, "spread": True,
+                                "training_gain": True, "time": True}
+    runs[2] = {"plain": 0.30, "rerank": 0.42, "pretrained": None, "seconds": 700.0}
     summary = bench_default.summarize(runs)
+    assert summary["training_gain_mean"] == pytest.approx(0.285)  # the runs that have one
     assert summary["meets"] == {"plain_mean": False, "rerank_gain": True, "spread": False,
-                                "time": False}
+                                "training_gain": True, "time": False}
+    for run in runs:
+        run["pretrained"] = None
+    summary = bench_default.summarize(runs)
+    assert summary["training_gain_mean"] is None and summary["meets"]["training_gain"] is None
 
 
 def test_the_metrics_are_read_from_the_experiment_commit(tmp_path) -> None:

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from glr import evaluate, metric, visualize
+from glr import baseline, evaluate, metric, visualize
+from glr.errors import UserError
 from glr.params import parse_params
 
 
@@ -60,7 +61,8 @@ def test_evaluate_logs_short_names_per_variant_and_one_precision_chart_per_model
     assert files_of(live) == ["metrics.json", "plots/custom/precision_at_k/resnet18.json"]
     curve = json.loads((live / "plots/custom/precision_at_k/resnet18.json").read_text())
     assert [row["k"] for row in curve] == list(evaluate.CURVE_KS)
-    none = {"superglobal": None, "rerank_superglobal": None}  # retrieve.superglobal off
+    # no baseline folder given, retrieve.superglobal off
+    none = {"pretrained": None, "superglobal": None, "rerank_superglobal": None}
     assert curve[:3] == [{"k": 1, "plain": 0.5, "rerank": 1.0, **none},
                          {"k": 2, "plain": 0.5, "rerank": 0.75, **none},
                          {"k": 3, "plain": 0.5, "rerank": pytest.approx(0.5), **none}]
@@ -83,7 +85,7 @@ def test_several_backbones_nest_per_model_and_plot_one_chart_per_model():
     assert summary["resnest101e"]["rerank"] == {"map100": 0.5, "map100_public": 0.25,
                                                 "map100_private": 0.75}
     curves = {name: [0.1 * i, 0.2 * i] for i, name in enumerate(names)}
-    none = {"superglobal": None, "rerank_superglobal": None}
+    none = {"pretrained": None, "superglobal": None, "rerank_superglobal": None}
     assert evaluate.curve_rows(curves, "resnest101e", ks=(1, 5)) == [
         {"k": 1, "plain": 0.2, "rerank": pytest.approx(0.3), **none},
         {"k": 5, "plain": 0.4, "rerank": pytest.approx(0.6), **none}]
@@ -92,6 +94,40 @@ def test_several_backbones_nest_per_model_and_plot_one_chart_per_model():
     assert evaluate.curve_rows({"resnet50-plain": [0.5, 0.25]}, "resnet50", ks=(1, 5)) == [
         {"k": 1, "plain": 0.5, "rerank": None, **none},
         {"k": 5, "plain": 0.25, "rerank": None, **none}]
+
+
+def test_the_starting_weights_search_is_scored_as_pretrained(tmp_path):
+    """The baseline stage's ranking of each backbone becomes `<backbone>.pretrained.map100`, a
+    field of its precision@k chart and the headline's first row; a missing one is an error
+    naming the file and the stage to run."""
+    params = parse_params({})
+    backbone = params.model.backbones[0]
+    solution = tmp_path / "solution.csv"
+    solution.write_text("id,images,Usage\nq1,a,Public\nq2,b c,Private\n")
+    retrieval = write_retrieval(tmp_path / "retrieval", {
+        f"{backbone}-plain": {"q1": ["a"], "q2": ["b", "c"]},
+        f"{backbone}-rerank": {"q1": ["a"], "q2": ["b", "c"]},
+    }, final=f"{backbone}-rerank")
+    start = baseline.ranking_path(tmp_path / "baseline", backbone)
+    start.parent.mkdir(parents=True)
+    # q1's one truth at rank 3 (AP 1/3); q2 finds c of {b, c} at rank 1 (AP 1/2)
+    pq.write_table(pa.table({"id": ["q1", "q2"], "images": [["x", "y", "a"], ["c"]]}), start)
+    live = tmp_path / "live"
+    summary = evaluate.main(params, retrieval, solution, live, baseline_dir=tmp_path / "baseline")
+
+    assert summary[backbone]["pretrained"] == {"map100": pytest.approx(5 / 12),
+                                               "map100_public": pytest.approx(1 / 3),
+                                               "map100_private": 0.5}
+    assert summary["map100"] == 1.0  # the submission stays retrieve's final variant
+    curve = json.loads((live / f"plots/custom/precision_at_k/{backbone}.json").read_text())
+    assert curve[0]["pretrained"] == 0.5 and curve[2]["pretrained"] == pytest.approx(1 / 3)
+    rows = [line.split() for line in evaluate.headline(summary).splitlines()[2:4]]
+    assert rows == [[backbone, "no", "training", "0.4167", "0.3333", "0.5000"],
+                    [backbone, "plain", "search", "1.0000", "1.0000", "1.0000"]]
+
+    start.unlink()
+    with pytest.raises(UserError, match=rf"{start}: not found.*dvc repro baseline@{backbone}"):
+        evaluate.main(params, retrieval, solution, live, baseline_dir=tmp_path / "baseline")
 
 
 def test_superglobal_variants_are_scored_charted_and_shown():
@@ -108,7 +144,8 @@ def test_superglobal_variants_are_scored_charted_and_shown():
     assert summary["resnet50"]["rerank_superglobal"]["map100"] == 0.55
     curves = {name: [value] for name, value in names.items()}
     assert evaluate.curve_rows(curves, "resnet50", ks=(1,)) == [
-        {"k": 1, "plain": 0.4, "rerank": 0.5, "superglobal": 0.45, "rerank_superglobal": 0.55}]
+        {"k": 1, "pretrained": None, "plain": 0.4, "rerank": 0.5, "superglobal": 0.45,
+         "rerank_superglobal": 0.55}]
     rows = [line.split() for line in evaluate.headline(summary).splitlines()[2:6]]
     assert [row[1:-3] for row in rows] == [["plain", "search"], ["+", "rerank"],
                                           ["SuperGlobal"], ["rerank", "+", "SG"]]

@@ -197,3 +197,39 @@ def test_assembly_stops_when_parts_of_another_node_are_missing(tmp_path):
         (node0 / f"{number:06d}.npy").write_bytes(b"")
         (node0 / f"{number:06d}.parquet").write_bytes(b"")
     extract.check_parts(node0, 5, world=2)
+
+
+def test_baseline_searches_with_the_starting_weights_queries_and_index_only(setup):
+    """`glr baseline`: features of the queries and the index with models/<b>/pretrained (the
+    bytes `extract --phase pretrained` writes), no references, and the exact top-k."""
+    from glr import baseline
+
+    params, _, shard_dir, root = setup
+    out = root / "baseline" / "resnet10t"
+    baseline.main(params, "resnet10t", shard_dir, root / "models", out, root / "baseline-runs")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "index.npy", "index.parquet", "info.json", "query.npy", "query.parquet", "topk.parquet"]
+    assert yaml.safe_load((out / "info.json").read_text())["phase"] == "pretrained"
+    full = root / "full-pretrained"
+    extract.main(params, "resnet10t", shard_dir, root / "models", full, root / "full-runs",
+                 phase="pretrained")
+    for name in ("query.npy", "index.npy"):
+        assert (out / name).read_bytes() == (full / name).read_bytes()
+
+    queries = np.load(out / "query.npy").astype(np.float64)
+    index = np.load(out / "index.npy").astype(np.float64)
+    exact = queries @ index.T
+    index_ids = pq.read_table(out / "index.parquet").column("id").to_pylist()
+    table = pq.read_table(out / "topk.parquet").to_pandas()
+    k = min(params.retrieve.k, len(index_ids))
+    # float32 dot products of 16 float16 values (unit rows): each of the 16 products and sums
+    # rounds by at most 2^-24 of a running total bounded by |q||x| ≈ 1, plus the final one
+    tolerance = 17 * 2.0**-24 * 1.01
+    position = {image: n for n, image in enumerate(index_ids)}
+    for row, (images, scores) in enumerate(zip(table["images"], table["scores"], strict=True)):
+        chosen = [position[image] for image in images]
+        assert len(chosen) == k == len(set(chosen))
+        np.testing.assert_allclose(scores, exact[row, chosen], rtol=0, atol=tolerance)
+        assert all(np.diff(scores) <= 0)
+        best_left_out = np.delete(exact[row], chosen).max(initial=-np.inf)
+        assert exact[row, chosen].min() >= best_left_out - 2 * tolerance

@@ -173,7 +173,7 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(reproduced_repo):
     evaluation = next(iter(shown.values()))["data"]["metrics/evaluate/metrics.json"]["data"]
     # one backbone: no ensemble variants, which would repeat its rankings
     assert {key for key, value in evaluation.items() if isinstance(value, dict)} == {B}
-    assert set(evaluation[B]) == {"plain", "rerank"}
+    assert set(evaluation[B]) == {"pretrained", "plain", "rerank"}
     assert evaluation["map100"] == evaluation[B]["rerank"]["map100"]
     assert evaluation["contaminated"] is False
     # the stage's headline is the official mAP@100 of the submission it wrote, recomputed here
@@ -249,7 +249,8 @@ def test_glr_query_finds_the_landmarks_of_test_photos(reproduced_repo):
 def test_dvc_dag_shows_the_stages(fresh_repo):
     dag = _dvc("dag", "--md", cwd=fresh_repo)
     for stage in ("synth", "prepare", "shard", f"init@{B}",
-                  *(f"train@{B}-{phase}" for phase in PHASES), f"extract@{B}", f"tag@{B}",
+                  *(f"train@{B}-{phase}" for phase in PHASES), f"extract@{B}", f"baseline@{B}",
+                  f"tag@{B}",
                   "retrieve", "evaluate", "visualize"):
         assert stage in dag
 

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from glr import files, metric
+from glr import baseline, files, metric
+from glr.errors import UserError
 from glr.metric import MetricError
 from glr.params import Params
 
@@ -128,8 +129,9 @@ def summarize(results: dict[str, dict], final: str, contaminated_flag: bool) -> 
     return summary
 
 
-# the rankings retrieve writes per model (the SuperGlobal ones with retrieve.superglobal)
-KINDS = ("plain", "rerank", "superglobal", "rerank_superglobal")
+# the rankings per model: the starting weights' plain search (`baseline`), then what retrieve
+# writes (the SuperGlobal ones with retrieve.superglobal)
+KINDS = ("pretrained", "plain", "rerank", "superglobal", "rerank_superglobal")
 
 
 def curve_rows(curves: dict[str, list[float]], model: str,
@@ -143,16 +145,34 @@ def curve_rows(curves: dict[str, list[float]], model: str,
             for i, k in enumerate(ks)]
 
 
-def main(params: Params, retrieval_dir: Path, solution_csv: Path, live_dir: Path) -> dict:
-    """Score every variant; write metrics.json and the precision@k curves with DVCLive into
-    `live_dir` (the folder is emptied first). Returns metrics.json's content."""
+def rankings(retrieval_dir: Path, baseline_dir: Path | None, backbones: list[str]
+             ) -> dict[str, Path]:
+    """Every ranking to score by variant name: retrieve's, and with `baseline_dir` each
+    backbone's starting-weights search as `<backbone>-pretrained`."""
+    listing = json.loads((Path(retrieval_dir) / "variants.json").read_text())
+    paths = {name: Path(retrieval_dir) / "topk" / f"{name}.parquet"
+             for name in listing["variants"]}
+    for backbone in backbones if baseline_dir is not None else []:
+        path = baseline.ranking_path(baseline_dir, backbone)
+        if not path.is_file():
+            raise UserError(f"{path}: not found: the starting weights' search of {backbone}; "
+                              f"run `dvc repro baseline@{backbone}` (or `glr baseline "
+                              f"--backbone {backbone}`)")
+        paths[f"{backbone}-pretrained"] = path
+    return paths
+
+
+def main(params: Params, retrieval_dir: Path, solution_csv: Path, live_dir: Path,
+         baseline_dir: Path | None = None) -> dict:
+    """Score every variant (with `baseline_dir`, the backbones' starting weights too); write
+    metrics.json and the precision@k curves with DVCLive into `live_dir` (the folder is
+    emptied first). Returns metrics.json's content."""
     from dvclive import Live  # imports DVC: only where the stage runs
 
     solution = metric.read_solution_csv(solution_csv)
     listing = json.loads((Path(retrieval_dir) / "variants.json").read_text())
     results, curves = {}, {}
-    for name in listing["variants"]:
-        ranking = Path(retrieval_dir) / "topk" / f"{name}.parquet"
+    for name, ranking in rankings(retrieval_dir, baseline_dir, params.model.backbones).items():
         submission = read_ranking(ranking)
         check_image_ids(solution, submission, ranking)
         results[name] = metric.score(solution, submission)
@@ -206,7 +226,8 @@ def headline(metrics: dict, source: str = "metrics/evaluate/metrics.json") -> st
     backbones = sorted(set(models) - {"ensemble"})
     rows = []
     for backbone in [*backbones, *(["ensemble"] if len(backbones) > 1 else [])]:
-        for kind, label in (("plain", "plain search"), ("rerank", "+ rerank"),
+        for kind, label in (("pretrained", "no training"), ("plain", "plain search"),
+                            ("rerank", "+ rerank"),
                             ("superglobal", "SuperGlobal"), ("rerank_superglobal", "rerank + SG")):
             result = models.get(backbone, {}).get(kind)
             if result is not None:

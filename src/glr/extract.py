@@ -59,13 +59,17 @@ from glr.runtime import (
 log = logging.getLogger(__name__)
 
 SETS = ("query", "index", "ref")
+SET_NAMES = {"query": "query", "index": "index", "ref": "reference"}
 FORMAT = 2  # bump when the parts or features written for the same inputs change
 
 
-def set_groups(shard_dir: Path) -> dict[str, list[str]]:
-    """The shard groups of each feature set."""
-    return {"query": ["query"], "index": ["eval_index"],
-            "ref": shards.read_lists(shard_dir)["reference"]}
+def set_groups(shard_dir: Path, sets: tuple[str, ...] = SETS) -> dict[str, list[str]]:
+    """The shard groups of each feature set in `sets` (the references' from the shard lists,
+    read only when asked for)."""
+    groups = {"query": ["query"], "index": ["eval_index"]}
+    if "ref" in sets:
+        groups["ref"] = shards.read_lists(shard_dir)["reference"]
+    return {name: groups[name] for name in sets}
 
 
 def scaled_sides(size: int, scales: list[float]) -> list[int]:
@@ -231,7 +235,13 @@ def last_phase(params: Params, backbone: str) -> str:
 
 
 def main(params: Params, backbone: str, shard_dir: Path, models_dir: Path, out_dir: Path,
-         runs_dir: Path, phase: str | None = None, argv: list[str] | None = None) -> dict:
+         runs_dir: Path, phase: str | None = None, argv: list[str] | None = None,
+         sets: tuple[str, ...] = SETS) -> dict:
+    """Features of `sets` (query, index, ref) with MODELS/<backbone>/<phase>; the feature
+    counts per set on the main process, {} on the others."""
+    unknown = sorted(set(sets) - set(SETS))
+    if unknown or not sets:
+        raise ValueError(f"feature sets must be some of {', '.join(SETS)}, got {list(sets)}")
     settings = params.extract
     pin_cpu_kernels(params.train.cpu_kernels, params.train.cpu_threads)
     if settings.processes > 1 and "LOCAL_RANK" not in os.environ and argv is not None:
@@ -242,14 +252,14 @@ def main(params: Params, backbone: str, shard_dir: Path, models_dir: Path, out_d
     try:
         phase = phase or settings.phase or last_phase(params, backbone)
         return _extract(params, backbone, Path(shard_dir), Path(models_dir), Path(out_dir),
-                        Path(runs_dir), phase, env)
+                        Path(runs_dir), phase, env, sets)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _extract(params: Params, backbone: str, shard_dir: Path, models_dir: Path, out_dir: Path,
-             runs_dir: Path, phase: str, env: Dist) -> dict:
+             runs_dir: Path, phase: str, env: Dist, sets: tuple[str, ...] = SETS) -> dict:
     settings = params.extract
     model_dir = models_dir / backbone / phase
     model, config = load_model(model_dir)
@@ -269,11 +279,11 @@ def _extract(params: Params, backbone: str, shard_dir: Path, models_dir: Path, o
     if workers < settings.workers and env.local_rank == 0:
         log.info("extract.workers %d capped to %d: %d process(es) share %d CPU(s) on this "
                  "node", settings.workers, workers, local_processes(), available_cpus())
-    groups = set_groups(shard_dir)
-    shards.check_size(shard_dir, [g for name in SETS for g in groups[name]], size,
+    groups = set_groups(shard_dir, sets)
+    shards.check_size(shard_dir, [g for name in sets for g in groups[name]], size,
                       "model.size (the extraction size)")
     parts: dict[str, Path] = {}
-    for name in SETS:
+    for name in sets:
         entries = [(g, e) for g in groups[name] for e in shards.read_manifest(shard_dir, g)
                    ["shards"]]
         urls = shards.shard_urls(shard_dir, groups[name])  # the same order as `entries`
@@ -289,7 +299,7 @@ def _extract(params: Params, backbone: str, shard_dir: Path, models_dir: Path, o
     if env.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         dim = config["model"]["embedding_dim"]
-        for name in SETS:
+        for name in sets:
             num_shards = sum(len(shards.read_manifest(shard_dir, g)["shards"])
                              for g in groups[name])
             columns = ["id", "label", "country", "continent"] if name == "ref" else ["id"]
@@ -300,6 +310,6 @@ def _extract(params: Params, backbone: str, shard_dir: Path, models_dir: Path, o
                 "scales": settings.scales, "dim": dim, "counts": summary,
                 "processes": env.world, "precision": resolved}
         (out_dir / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-        log.info("%s: %d query, %d index, %d reference features -> %s", backbone,
-                 summary["query"], summary["index"], summary["ref"], out_dir)
+        log.info("%s: %s -> %s", backbone, ", ".join(
+            f"{summary[name]} {SET_NAMES[name]} features" for name in sets), out_dir)
     return summary

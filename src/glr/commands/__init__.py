@@ -3,6 +3,7 @@ registers the command's parser and the function it runs, which imports the stage
 only when it runs, so that `glr --help` and `glr check` stay fast."""
 
 from glr.commands import (
+    baseline,
     bench,
     evaluate,
     extract,
@@ -18,5 +19,5 @@ from glr.commands import (
 )
 
 # in the order `glr --help` lists them: the stages, then the tools
-COMMANDS = (synth, prepare, shard, train, extract, tag, retrieve, evaluate, visualize, query,
-            params, bench)
+COMMANDS = (synth, prepare, shard, train, extract, baseline, tag, retrieve, evaluate, visualize,
+            query, params, bench)

@@ -23,7 +23,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.out is not None:
         raise UserError("--out is the standalone score's file (with --submission); the stage "
                           "writes into --live")
-    evaluate.main(params, args.retrieval, solution, args.live)
+    evaluate.main(params, args.retrieval, solution, args.live,
+                  baseline_dir=None if args.no_baseline else args.baseline)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -44,8 +45,10 @@ def add_parser(subparsers) -> None:
         description="Standalone: --solution SOLUTION.csv --submission SUBMISSION.csv [--out "
                     "METRICS.json] scores any Kaggle-format submission against a GLDv2-format "
                     "solution. As a stage (no --submission): scores every ranking of RETRIEVAL "
-                    "against the solution under params data.root. Reads: RETRIEVAL/topk/*, "
-                    "the solution CSV. Writes with DVCLive into LIVE: metrics.json (the final "
+                    "against the solution under params data.root, and each backbone's "
+                    "starting weights' search (glr baseline) as <backbone>.pretrained. Reads: "
+                    "RETRIEVAL/topk/*, BASELINE/<backbone>/topk.parquet, the solution CSV. "
+                    "Writes with DVCLive into LIVE: metrics.json (the final "
                     "submission's map100, map100_public, map100_private, precision1, "
                     "precision5, precision10, precision100, recall100, queries, contaminated; "
                     "per model and variant map100, map100_public, map100_private, e.g. "
@@ -64,6 +67,11 @@ def add_parser(subparsers) -> None:
                     help="with --submission: the metrics JSON to write")
     ev.add_argument("--retrieval", type=Path, default=Path("data/retrieval"),
                     help="retrieve's output folder (default: %(default)s)")
+    ev.add_argument("--baseline", type=Path, default=Path("data/baseline"),
+                    help="the baseline stage's folder: <backbone>/topk.parquet is scored as "
+                         "<backbone>.pretrained (default: %(default)s)")
+    ev.add_argument("--no-baseline", action="store_true",
+                    help="score retrieve's rankings only")
     ev.add_argument("--live", type=Path, default=Path("metrics/evaluate"),
                     help="the stage's DVCLive folder (default: %(default)s)")
     ev.set_defaults(func=cmd_evaluate)
