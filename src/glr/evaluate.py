@@ -156,8 +156,8 @@ def rankings(retrieval_dir: Path, baseline_dir: Path | None, backbones: list[str
         path = baseline.ranking_path(baseline_dir, backbone)
         if not path.is_file():
             raise UserError(f"{path}: not found: the starting weights' search of {backbone}; "
-                              f"run `dvc repro baseline@{backbone}` (or `glr baseline "
-                              f"--backbone {backbone}`)")
+                            f"run `dvc repro baseline@{backbone}` (or `glr baseline "
+                            f"--backbone {backbone}`)")
         paths[f"{backbone}-pretrained"] = path
     return paths
 
