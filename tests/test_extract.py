@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -201,20 +203,29 @@ def test_assembly_stops_when_parts_of_another_node_are_missing(tmp_path):
 
 def test_baseline_searches_with_the_starting_weights_queries_and_index_only(setup):
     """`glr baseline`: features of the queries and the index with models/<b>/pretrained (the
-    bytes `extract --phase pretrained` writes), no references, and the exact top-k."""
+    bytes `extract --phase pretrained` writes, not the trained phase's), no references, and
+    the exact top-k."""
+    from safetensors.torch import load_file, save_file
+
     from glr import baseline
 
     params, _, shard_dir, root = setup
+    models = root / "baseline-models"  # p1 here: other weights than the starting ones
+    shutil.copytree(root / "models", models)
+    weights = load_file(models / "resnet10t/p1/model.safetensors")
+    save_file({name: tensor * 1.5 if tensor.is_floating_point() else tensor
+               for name, tensor in weights.items()}, models / "resnet10t/p1/model.safetensors")
     out = root / "baseline" / "resnet10t"
-    baseline.main(params, "resnet10t", shard_dir, root / "models", out, root / "baseline-runs")
+    baseline.main(params, "resnet10t", shard_dir, models, out, root / "baseline-runs")
     assert sorted(p.name for p in out.iterdir()) == [
         "index.npy", "index.parquet", "info.json", "query.npy", "query.parquet", "topk.parquet"]
-    assert yaml.safe_load((out / "info.json").read_text())["phase"] == "pretrained"
-    full = root / "full-pretrained"
-    extract.main(params, "resnet10t", shard_dir, root / "models", full, root / "full-runs",
-                 phase="pretrained")
-    for name in ("query.npy", "index.npy"):
-        assert (out / name).read_bytes() == (full / name).read_bytes()
+    assert json.loads((out / "info.json").read_text())["phase"] == "pretrained"
+    for phase, same in (("pretrained", True), ("p1", False)):
+        full = root / f"full-{phase}"
+        extract.main(params, "resnet10t", shard_dir, models, full, root / "full-runs",
+                     phase=phase)
+        for name in ("query.npy", "index.npy"):
+            assert ((out / name).read_bytes() == (full / name).read_bytes()) is same, phase
 
     queries = np.load(out / "query.npy").astype(np.float64)
     index = np.load(out / "index.npy").astype(np.float64)

@@ -55,6 +55,9 @@ def plain_ranking(folder: Path, k: int, block_rows: int) -> pd.DataFrame:
 
 def main(params: Params, backbone: str, shard_dir: Path, models_dir: Path, out_dir: Path,
          runs_dir: Path, argv: list[str] | None = None) -> None:
+    """Features of the queries and the index with MODELS/<backbone>/pretrained into `out_dir`
+    (under torchrun when params extract.processes > 1, `argv` being this command's), then,
+    on the first process, their exact plain search into `out_dir`/topk.parquet."""
     from glr import extract
 
     out_dir = Path(out_dir)

@@ -1,18 +1,19 @@
 """Stage `evaluate`: mAP@100 (the official GLDv2 definition, glr.metric) for `dvc metrics`.
 
 Scores every ranking `retrieve` wrote (each backbone before and after the rerank, the
-ensemble) against the GLDv2 solution file, so `dvc metrics diff` shows what each part adds.
+ensemble) and each backbone's starting weights' plain search (the `baseline` stage) against
+the GLDv2 solution file, so `dvc metrics diff` shows what each part adds.
 It logs through DVCLive into one folder (default metrics/evaluate/):
 
     metrics.json       the final submission's map100, map100_public, map100_private,
                        precision1, precision5, precision10, precision100, recall100, queries,
-                       contaminated; and per model and variant, e.g. resnet18.plain and
-                       resnet18.rerank (ensemble.* with several backbones): map100,
-                       map100_public, map100_private
+                       contaminated; and per model and variant, e.g. resnet18.pretrained,
+                       resnet18.plain and resnet18.rerank (ensemble.* with several
+                       backbones): map100, map100_public, map100_private
     plots/custom/precision_at_k/<model>.json
-                       mean precision@k (k from 1 to 100) of the model's plain and rerank
-                       rankings
-                       (fields k, plain, rerank: one chart per model, `dvc plots show`)
+                       mean precision@k (k from 1 to 100) of the model's rankings
+                       (fields k, pretrained, plain, rerank, superglobal,
+                       rerank_superglobal, null where absent: one chart per model)
 
 Names are glr.metric's without the `@` (map@100 -> map100), short enough for `dvc exp show`.
 `glr evaluate --solution S --submission SUB --out M.json` scores any Kaggle-format
@@ -218,8 +219,10 @@ def standalone(solution_csv: Path, submission_csv: Path, out: Path | None) -> di
 
 
 def headline(metrics: dict, source: str = "metrics/evaluate/metrics.json") -> str:
-    """The result in a few lines: mAP@100 (all, public, private) of each backbone with and
-    without the rerank (and SuperGlobal's variants when retrieve wrote them), the ensemble's
+    """The result in a few lines: mAP@100 (all, public, private) of each backbone with its
+    starting weights ("no training", when evaluate had the baseline stage's ranking), then
+    with and without the rerank (and SuperGlobal's variants when retrieve wrote them), the
+    ensemble's
     only when there are several backbones, then the final submission's. `metrics` is what
     `main` writes (`source`, named in the first line)."""
     models = {key: value for key, value in metrics.items() if isinstance(value, dict)}

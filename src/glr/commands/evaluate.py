@@ -53,7 +53,7 @@ def add_parser(subparsers) -> None:
                     "precision5, precision10, precision100, recall100, queries, contaminated; "
                     "per model and variant map100, map100_public, map100_private, e.g. "
                     "resnet18.rerank.map100) and plots/custom/precision_at_k/<model>.json "
-                    "(precision@k, plain and rerank, for `dvc plots`). Both refuse (exit "
+                    "(precision@k of each ranking, for `dvc plots`). Both refuse (exit "
                     "status 2) a submission with upper-cased image ids, which can never match "
                     "the solution's lower-case hex ids, and warn when no submitted image id is "
                     "a ground-truth id of the solution (e.g. a header-only submission).")
@@ -77,8 +77,9 @@ def add_parser(subparsers) -> None:
     ev.set_defaults(func=cmd_evaluate)
 
     rep = subparsers.add_parser(
-        "report", help="the headline: mAP@100 per backbone, plain and reranked",
-        description="Print mAP@100 (all, public, private) of each backbone with and without "
+        "report", help="the headline: mAP@100 per backbone: no training, plain, reranked",
+        description="Print mAP@100 (all, public, private) of each backbone with its starting "
+                    "weights (no training, stage baseline), then with and without "
                     "the Landmark-Country rerank (the ensemble's too when there are several "
                     "backbones) and the submission's, from METRICS. `make repro` ends with it; "
                     "`dvc metrics show` has every number, the counts of metrics/prepare.json "
