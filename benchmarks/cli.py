@@ -72,11 +72,39 @@ def add_parser(subparsers) -> None:
     _add_retrieve(benches)
 
 
+# The arguments several benchmarks share.
+def _out(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--out", type=Path, default=Path(f"metrics/bench/{name}.json"),
+                        help="result file (default: %(default)s)")
+
+
+def _workdir(parser: argparse.ArgumentParser, what: str = "data") -> None:
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help=f"folder for the generated {what} (default: a temporary folder)")
+
+
+def _rounds(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds; medians are reported (default: 3)")
+
+
+def _photo_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image-size", type=image_size, default=(800, 600), metavar="WxH",
+                        help="generated photo size (default: 800x600)")
+
+
+def _seeds_and_logs(parser: argparse.ArgumentParser, name: str, what: str) -> None:
+    parser.add_argument("--seeds", type=int, nargs="+", default=[2021, 7, 11],
+                        help=f"synth.seed values, {what} (default: %(default)s)")
+    parser.add_argument("--logs", type=Path, default=Path(f"metrics/bench/{name}-logs"),
+                        help="each run's log (default: %(default)s)")
+
+
 def _add_beyond(benches) -> None:
     from benchmarks.beyond import LOSSES
 
     bench_beyond = benches.add_parser(
-        "beyond", help="the 1st place's loss and SuperGlobal vs the authors' (~30 min on 2 cores)",
+        "beyond", help="the 1st place's loss and SuperGlobal vs the authors' (~35 min on 2 cores)",
         description="On the embedded default, per synth seed, two DVC experiments with "
                     "retrieve.superglobal on: the authors' ArcFace and the 1st place's "
                     "(s 45, 3 sub-centers, dynamic margins [0.05, 0.5]); each scores plain, "
@@ -84,14 +112,10 @@ def _add_beyond(benches) -> None:
                     "mAP@100, the means per loss and ranking, and the differences (1st "
                     "place's loss minus the authors', SuperGlobal minus the LC rerank). Run it "
                     "from the repository root.")
-    bench_beyond.add_argument("--out", type=Path, default=Path("metrics/bench/beyond.json"),
-                              help="result file (default: %(default)s)")
-    bench_beyond.add_argument("--seeds", type=int, nargs="+", default=[2021, 7, 11],
-                              help="synth.seed values (default: %(default)s)")
+    _out(bench_beyond, "beyond")
+    _seeds_and_logs(bench_beyond, "beyond", "one experiment per loss each")
     bench_beyond.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES),
                               help="which losses to run (default: all)")
-    bench_beyond.add_argument("--logs", type=Path, default=Path("metrics/bench/beyond-logs"),
-                              help="each run's log (default: %(default)s)")
     bench_beyond.set_defaults(func=cmd_bench_beyond)
 
 
@@ -103,10 +127,8 @@ def _add_prepare(benches) -> None:
                     "subprocess and write its wall time and peak memory to OUT.")
     bench_prep.add_argument("--scale", type=float, default=1.0,
                             help="fraction of GLDv2's size to generate (default: 1.0)")
-    bench_prep.add_argument("--out", type=Path, default=Path("metrics/bench/prepare.json"),
-                            help="result file (default: %(default)s)")
-    bench_prep.add_argument("--workdir", type=Path, default=None,
-                            help="where the generated CSVs go (default: a temporary folder)")
+    _out(bench_prep, "prepare")
+    _workdir(bench_prep, "CSVs")
     bench_prep.set_defaults(func=cmd_bench_prepare)
 
 
@@ -118,16 +140,12 @@ def _add_loader(benches) -> None:
                     "normalization) against an authors'-style loader (cv2.imread + cv2.resize "
                     "of the original JPEG + torchvision transforms) on one core, at sizes 256 "
                     "and 512, in alternating rounds. Writes OUT.")
-    bench_load.add_argument("--out", type=Path, default=Path("metrics/bench/loader.json"),
-                            help="result file (default: %(default)s)")
-    bench_load.add_argument("--image-size", type=image_size, default=(800, 600),
-                            metavar="WxH", help="generated photo size (default: 800x600)")
+    _out(bench_load, "loader")
+    _photo_size(bench_load)
     bench_load.add_argument("--images", type=int, default=256,
                             help="images per loader per round (default: %(default)s)")
-    bench_load.add_argument("--rounds", type=int, default=3,
-                            help="alternating rounds; medians are reported (default: 3)")
-    bench_load.add_argument("--workdir", type=Path, default=None,
-                            help="where the generated data goes (default: a temporary folder)")
+    _rounds(bench_load)
+    _workdir(bench_load)
     bench_load.set_defaults(func=cmd_bench_loader)
 
 
@@ -141,8 +159,7 @@ def _add_extract(benches) -> None:
                     "size, in alternating rounds after a warm-up; a model with random weights "
                     "(nothing is downloaded). Reports the median rates, their ratio (target "
                     ">= 0.9), threads, CPU (bf16/AMX), GPU and torch versions. Writes OUT.")
-    bench_ext.add_argument("--out", type=Path, default=Path("metrics/bench/extract.json"),
-                           help="result file (default: %(default)s)")
+    _out(bench_ext, "extract")
     bench_ext.add_argument("--backbone", default=None,
                            help="timm backbone (default: the first of params model.backbones' "
                                 "default, resnet18)")
@@ -153,17 +170,14 @@ def _add_extract(benches) -> None:
     bench_ext.add_argument("--images", type=int, default=1024,
                            help="images per side per round, rounded up to whole batches "
                                 "(default: %(default)s)")
-    bench_ext.add_argument("--rounds", type=int, default=3,
-                           help="alternating rounds; medians are reported (default: 3)")
+    _rounds(bench_ext)
     bench_ext.add_argument("--workers", type=int, default=None,
                            help="DataLoader workers (default: params extract.workers' default)")
     bench_ext.add_argument("--max-side", type=int, default=None,
                            help="shard.max_side of the generated shards, at least --size "
                                 "(default: params shard.max_side's default)")
-    bench_ext.add_argument("--image-size", type=image_size, default=(800, 600),
-                           metavar="WxH", help="generated photo size (default: 800x600)")
-    bench_ext.add_argument("--workdir", type=Path, default=None,
-                           help="where the generated data goes (default: a temporary folder)")
+    _photo_size(bench_ext)
+    _workdir(bench_ext)
     bench_ext.set_defaults(func=cmd_bench_extract)
 
 
@@ -180,15 +194,13 @@ def _add_gpu(benches) -> None:
                     "and the ratios; (d) with several GPUs, (a)'s steps under torchrun with 1 "
                     "then N processes (DDP) and the scaling ratio. Without a GPU it says so "
                     "and writes nothing; --dry-run runs every part on the CPU at toy sizes.")
-    bench_gpu.add_argument("--out", type=Path, default=Path("metrics/bench/gpu.json"),
-                           help="result file (default: %(default)s)")
+    _out(bench_gpu, "gpu")
     bench_gpu.add_argument("--dry-run", action="store_true",
                            help="every part on the CPU at toy sizes (ResNet18, 64 px, a few "
                                 "steps, 3,000 references): checks the code path, not speed")
     bench_gpu.add_argument("--workers", type=int, default=None,
                            help="DataLoader workers (default: CPU count - 1; 0 in a dry run)")
-    bench_gpu.add_argument("--workdir", type=Path, default=None,
-                           help="where the generated data goes (default: a temporary folder)")
+    _workdir(bench_gpu)
     bench_gpu.add_argument("--gpus", type=int, default=None,
                            help="processes of the scaling part (d), one per GPU (default: "
                                 "every visible GPU; 1 skips it; in a dry run, CPU processes "
@@ -207,13 +219,8 @@ def _add_default(benches) -> None:
                     "spreads, and issue 19's targets (plain >= 0.50 on average, rerank +0.10, "
                     "training +0.25 over the starting weights, spread <= 0.08, each run <= 10 "
                     "min). Run it from the repository root.")
-    bench_def.add_argument("--out", type=Path, default=Path("metrics/bench/default.json"),
-                           help="result file (default: %(default)s)")
-    bench_def.add_argument("--seeds", type=int, nargs="+", default=[2021, 7, 11],
-                           help="synth.seed values, one pipeline run each (default: "
-                                "%(default)s)")
-    bench_def.add_argument("--logs", type=Path, default=Path("metrics/bench/default-logs"),
-                           help="each run's log, seed-SEED.log (default: %(default)s)")
+    _out(bench_def, "default")
+    _seeds_and_logs(bench_def, "default", "one pipeline run each")
     bench_def.set_defaults(func=cmd_bench_default)
 
 
@@ -228,8 +235,7 @@ def _add_retrieve(benches) -> None:
                     "4 backbones at a scaled GLDv2 shape and check its memory model. Targets: "
                     ">= 3x the authors', >= 99%% identical rows, <= 1.5x the floor, peak RSS "
                     "<= reference bytes + 2 GB. Writes OUT.")
-    bench_ret.add_argument("--out", type=Path, default=Path("metrics/bench/retrieve.json"),
-                           help="result file (default: %(default)s)")
+    _out(bench_ret, "retrieve")
     bench_ret.add_argument("--references", type=int, nargs="+", default=[200_000, 1_000_000],
                            help="reference counts to compare at (default: 200000 1000000)")
     bench_ret.add_argument("--queries", type=int, default=200, help="default: %(default)s")
@@ -243,8 +249,7 @@ def _add_retrieve(benches) -> None:
                                 "default: %(default)s, a quarter of GLDv2's)")
     bench_ret.add_argument("--memory-references", type=int, default=10_000,
                            help="references of the memory check (default: %(default)s)")
-    bench_ret.add_argument("--workdir", type=Path, default=None,
-                           help="where the generated features go (default: a temporary folder)")
+    _workdir(bench_ret, "features")
     bench_ret.add_argument("--precision", dest="precisions", nargs="+",
                            choices=["float32", "bfloat16", "float16"],
                            default=["float32", "bfloat16", "float16"],
